@@ -1,0 +1,31 @@
+"""ARS2-Neo for PyTorch: the reference implementation of SPEC.md."""
+
+from ars2_torch.newton_schulz import NS_COEFFS, NS_EPS, as_matrices, default_ns_dtype, newton_schulz
+from ars2_torch.optimizer import (
+    TINY,
+    ARS2Neo,
+    adamw_update,
+    ars2_param_groups,
+    ars2_update,
+    inject_shear,
+    is_ars2_tensor,
+    perturbation,
+    shear_force,
+)
+
+__all__ = [
+    "NS_COEFFS",
+    "NS_EPS",
+    "TINY",
+    "ARS2Neo",
+    "adamw_update",
+    "ars2_param_groups",
+    "ars2_update",
+    "as_matrices",
+    "default_ns_dtype",
+    "inject_shear",
+    "is_ars2_tensor",
+    "newton_schulz",
+    "perturbation",
+    "shear_force",
+]

@@ -1,0 +1,487 @@
+"""ARS2-Neo as a ``torch.optim.Optimizer``: the readable reference of SPEC.md."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ars2_torch.newton_schulz import newton_schulz
+
+# Guards every norm and ratio against division by zero (SPEC: tiny).
+TINY = 1e-12
+# Tensors with a dimension this large (embedding tables) stay on AdamW (SPEC §1).
+DEFAULT_MAX_DIM = 10000
+# The SAM settings are one value for the whole optimizer (SPEC §1): no param
+# group may carry its own.
+SAM_SETTINGS = (
+    "rho",
+    "k",
+    "alpha",
+    "adaptive",
+    "adaptive_beta",
+    "adaptive_lambda",
+    "adaptive_gamma",
+)
+
+
+def is_ars2_tensor(param: torch.Tensor, max_dim: int = DEFAULT_MAX_DIM) -> bool:
+    """The routing rule of SPEC §1: ``ndim >= 2`` and every dimension below ``max_dim``."""
+    return param.ndim >= 2 and max(param.shape) < max_dim
+
+
+def ars2_param_groups(
+    model_or_params: nn.Module | Iterable[torch.Tensor], max_dim: int = DEFAULT_MAX_DIM
+) -> list[dict[str, Any]]:
+    """Splits parameters into the ARS2 track and the AdamW track (SPEC §1).
+
+    Args:
+      model_or_params: a module (its ``parameters()`` are used) or an iterable of
+        tensors.
+      max_dim: tensors with a dimension ``>= max_dim`` go to AdamW even when they
+        are matrices (embedding tables).
+
+    Returns:
+      ``[{'params': [...], 'ars2': True}, {'params': [...], 'ars2': False}]``,
+      leaving out a group that would be empty. Add per-group keys (``lr``,
+      ``betas``, ``weight_decay``, ...) before handing them to :class:`ARS2Neo`.
+    """
+    params = (
+        model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+    )
+    ars2, adamw = [], []
+    for param in params:
+        (ars2 if is_ars2_tensor(param, max_dim) else adamw).append(param)
+    groups = [{"params": ars2, "ars2": True}, {"params": adamw, "ars2": False}]
+    return [group for group in groups if group["params"]]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``⟨a, b⟩`` summed in float64, so that the adaptive decision is not rounded."""
+    return torch.sum(a.double() * b.double()).item()
+
+
+def perturbation(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_sq: torch.Tensor | None,
+    beta2: float,
+    eps: float,
+    rho: float,
+    step: int,
+) -> torch.Tensor:
+    """The scale-aware natural-gradient SAM perturbation ``e`` of one tensor (SPEC §5.2).
+
+    ``exp_avg_sq`` is the second moment before this step's update (``None`` when
+    the tensor has no state yet, as on step 1); ``‖e‖ = rho`` unless ``n = 0``.
+    """
+    if exp_avg_sq is None:
+        exp_avg_sq = torch.zeros_like(grad)
+    v_hat_prev = exp_avg_sq / (1 - beta2 ** max(1, step - 1) + TINY)
+    direction = grad / (v_hat_prev.sqrt() + eps) * param.abs()
+    return rho * direction / (torch.linalg.vector_norm(direction) + TINY)
+
+
+def shear_force(adversarial_grad: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The component of ``adversarial_grad`` orthogonal to ``grad`` (SPEC §5.2)."""
+    coef = torch.sum(adversarial_grad * grad) / (torch.sum(grad * grad) + TINY)
+    return adversarial_grad - coef * grad
+
+
+def inject_shear(grad: torch.Tensor, shear: torch.Tensor, alpha_t: float) -> torch.Tensor:
+    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear``: the cached shear on a non-sync step (SPEC §5.3)."""
+    scale = torch.linalg.vector_norm(grad) / (torch.linalg.vector_norm(shear) + TINY)
+    return grad + alpha_t * scale * shear
+
+
+def _update_moments(state: dict, grad: torch.Tensor, beta1: float, beta2: float) -> None:
+    # The same moment arithmetic as torch.optim.AdamW, on both tracks.
+    state["step"] += 1
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """One ARS2-track step of one tensor (SPEC §2): ``θ ← θ(1 − lr·wd) − lr·‖u‖·NS(u)``."""
+    beta1, beta2 = group["betas"]
+    _update_moments(state, grad, beta1, beta2)
+    step = state["step"]
+    m_hat = state["exp_avg"] / (1 - beta1**step)
+    v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+    u = m_hat / (v_hat.sqrt() + group["eps"])
+    energy = torch.linalg.vector_norm(u)
+    direction = newton_schulz(u, group["ns_steps"], dtype=group["ns_dtype"])
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.add_(energy * direction, alpha=-group["lr"])
+
+
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """One AdamW-track step of one tensor (SPEC §4), written as ``torch.optim.AdamW`` writes it."""
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    param.mul_(1 - lr * group["weight_decay"])
+    _update_moments(state, grad, beta1, beta2)
+    step = state["step"]
+    step_size = lr / (1 - beta1**step)
+    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+    param.addcdiv_(state["exp_avg"], denom, value=-step_size)
+
+
+def _check_loss(loss: Any, which: str) -> None:
+    if loss is None:
+        raise ValueError(f"the closure returned None on the {which} pass; it must return the loss")
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        raise ValueError(
+            f"the closure returned a tensor of shape {tuple(loss.shape)} on the {which} pass; "
+            "it must return the scalar loss"
+        )
+
+
+class ARS2Neo(torch.optim.Optimizer):
+    r"""ARS2-Neo: Adam's energy along a Newton-Schulz direction, with optional SAM.
+
+    Matrix parameters (the ARS2 track) step along ``E · NS(u)``, where
+    ``u = m̂ / (√v̂ + eps)`` is Adam's scaled momentum, ``E = ‖u‖`` its energy and
+    ``NS`` the quintic Newton-Schulz orthogonalization; every other parameter
+    (the AdamW track) steps with AdamW. With ``rho > 0`` the gradient is first
+    replaced by a SAM gradient taken at a scale-aware natural-gradient
+    perturbation, every step (``k=1``), every ``k`` steps with the cached shear
+    force injected in between (``k>1``), or when the gradient drifts against the
+    shear (``adaptive=True``, A-GSAM). The full rule is SPEC.md §1-§6.
+
+    Param groups: give each group ``'ars2': True`` or ``False`` (see
+    :func:`ars2_param_groups`); a group without the key, or a plain iterable of
+    tensors, is routed tensor by tensor by the rule of SPEC §1. Groups may
+    override ``lr``, ``betas``, ``eps``, ``weight_decay``, ``ns_steps`` and
+    ``ns_dtype``; the SAM settings are global.
+
+    Calling: with SAM off, ``loss.backward(); opt.step()`` as usual, or
+    ``opt.step(closure)``. With SAM on, ``opt.step(closure)`` where ``closure``
+    runs forward and backward on one batch and returns the loss; the optimizer
+    calls it once at ``θ`` and, on sync steps, once more at ``θ + e`` after
+    zeroing the gradients, then restores ``θ`` exactly from a copy. ``step``
+    returns the loss at the unperturbed ``θ``; after a sync step ``p.grad`` holds
+    the adversarial gradient.
+
+    Non-finite gradients: if the base gradient or the adversarial gradient of
+    any parameter holds a NaN or an Inf, the step is skipped: parameters and all
+    optimizer state are left as they were, and ``diagnostics['skipped_steps']``
+    counts it.
+
+    Args:
+      params: tensors or param groups.
+      lr: learning rate.
+      betas: ``(β1, β2)`` of the moments.
+      eps: added to ``√v̂``.
+      weight_decay: decoupled weight decay (multiplied by ``lr``).
+      ns_steps: Newton-Schulz iterations.
+      ns_dtype: dtype of the Newton-Schulz iteration; ``None``: bfloat16 for
+        float32 parameters, the parameter's dtype otherwise.
+      rho: SAM radius; ``0`` turns SAM off.
+      k: SAM period: ``1`` every step, ``>1`` every ``k`` steps (a fallback
+        period when adaptive), ``0`` with SAM off or adaptive without fallback.
+      alpha: shear-force strength on non-sync steps.
+      adaptive: decide sync steps from the drift ``φ`` (A-GSAM).
+      adaptive_beta: EMA decay of ``φ²``.
+      adaptive_lambda: sync when ``φ < −λ·std(φ)``.
+      adaptive_gamma: ``α_t = alpha · (1 + max(0, φ))^γ``.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import ARS2Neo, ars2_param_groups
+      >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+      >>> opt = ARS2Neo(ars2_param_groups(model), lr=1e-2, rho=0.05, k=1)
+      >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+      >>> def closure():
+      ...     loss = torch.nn.functional.mse_loss(model(x), y)
+      ...     loss.backward()
+      ...     return loss
+      >>> opt.zero_grad()
+      >>> loss = opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
+        rho: float = 0.0,
+        k: int = 0,
+        alpha: float = 0.1,
+        adaptive: bool = False,
+        adaptive_beta: float = 0.99,
+        adaptive_lambda: float = 2.0,
+        adaptive_gamma: float = 2.0,
+    ):
+        self.sam = _validate_sam(
+            rho=rho,
+            k=k,
+            alpha=alpha,
+            adaptive=adaptive,
+            adaptive_beta=adaptive_beta,
+            adaptive_lambda=adaptive_lambda,
+            adaptive_gamma=adaptive_gamma,
+        )
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            ars2=None,
+        )
+        _validate_group(defaults, "defaults")
+        super().__init__(params, defaults)
+        self.sam_state = {
+            "step": 0,
+            "last_sync": 0,
+            "sync_count": 0,
+            "phi_var": 0.0,
+            "phi": 0.0,
+            "threshold": 0.0,
+            "alpha_t": float(alpha),
+            "skipped_steps": 0,
+        }
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        overridden = sorted(set(param_group) & set(SAM_SETTINGS))
+        if overridden:
+            raise ValueError(
+                f"param group sets {overridden}: SAM settings are global, pass them to ARS2Neo"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group, f"param group {len(self.param_groups) - 1}")
+        if group["ars2"]:
+            for param in group["params"]:
+                if param.ndim < 2:
+                    raise ValueError(
+                        f"param group {len(self.param_groups) - 1} has ars2=True but holds a "
+                        f"tensor of shape {tuple(param.shape)}; the ARS2 track needs ndim >= 2"
+                    )
+
+    @property
+    def sam_enabled(self) -> bool:
+        return self.sam["rho"] > 0
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """SPEC §6: ``phi``, ``phi_std``, ``threshold``, ``alpha_t``, ``sync_count``,
+        ``effective_k``, plus ``skipped_steps`` (non-finite gradients)."""
+        s = self.sam_state
+        return {
+            "phi": s["phi"],
+            "phi_std": math.sqrt(s["phi_var"]),
+            "threshold": s["threshold"],
+            "alpha_t": s["alpha_t"],
+            "sync_count": s["sync_count"],
+            "effective_k": s["step"] / max(1, s["sync_count"]),
+            "skipped_steps": s["skipped_steps"],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["ars2"] = {"sam_state": dict(self.sam_state), "sam": dict(self.sam)}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("ars2", None)
+        if saved is None:
+            raise ValueError("state_dict has no 'ars2' entry: it was not saved by ARS2Neo")
+        differ = {
+            name: (saved["sam"].get(name), value)
+            for name, value in self.sam.items()
+            if saved["sam"].get(name) != value
+        }
+        if differ:
+            raise ValueError(
+                f"state_dict was saved with other SAM settings (saved, current): {differ}"
+            )
+        super().load_state_dict(state_dict)
+        self.sam_state = dict(saved["sam_state"])
+
+    def _track_is_ars2(self, group: dict, param: torch.Tensor) -> bool:
+        return is_ars2_tensor(param) if group["ars2"] is None else group["ars2"]
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def _decide(self, entries: list, t: int) -> tuple[bool, dict]:
+        """Whether step ``t`` is a sync step, and the adaptive scalars (SPEC §5.1)."""
+        sam, previous = self.sam, self.sam_state
+        scalars = {"phi": 0.0, "phi_var": 0.0, "threshold": 0.0, "alpha_t": float(sam["alpha"])}
+        if not sam["adaptive"]:
+            k = sam["k"]
+            return k == 1 or (k > 1 and t % k == 1), scalars
+        grad_dot_shear = grad_sq = shear_sq = 0.0
+        for param, _, grad in entries:
+            grad_sq += _dot(grad, grad)
+            shear = self.state[param].get("shear_force")
+            if shear is not None:
+                grad_dot_shear += _dot(grad, shear)
+                shear_sq += _dot(shear, shear)
+        phi = grad_dot_shear / (math.sqrt(grad_sq * shear_sq) + TINY)
+        phi_var = previous["phi_var"]
+        if t == 1:
+            phi_var = phi**2
+        elif t - previous["last_sync"] > 1:
+            beta = sam["adaptive_beta"]
+            phi_var = beta * phi_var + (1 - beta) * phi**2
+        threshold = -sam["adaptive_lambda"] * math.sqrt(phi_var)
+        k = sam["k"]
+        sync = phi < threshold or t == 1 or (k > 1 and t - previous["last_sync"] >= k)
+        scalars.update(
+            phi=phi,
+            phi_var=phi_var,
+            threshold=threshold,
+            alpha_t=sam["alpha"] * (1 + max(0.0, phi)) ** sam["adaptive_gamma"],
+        )
+        return sync, scalars
+
+    def _adversarial_grads(self, entries: list, closure: Callable, t: int) -> list[torch.Tensor]:
+        """Gradients at ``θ + e`` on the same batch; ``θ`` is restored from a copy."""
+        rho = self.sam["rho"]
+        backups = []
+        for param, group, grad in entries:
+            state = self.state[param]
+            e = perturbation(
+                param, grad, state.get("exp_avg_sq"), group["betas"][1], group["eps"], rho, t
+            )
+            backups.append(param.detach().clone())
+            param.add_(e)
+        self.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                _check_loss(closure(), "adversarial")
+        finally:
+            for (param, _, _), backup in zip(entries, backups):
+                param.copy_(backup)
+        # A tensor the second pass left without a gradient keeps its base gradient.
+        return [param.grad if param.grad is not None else grad for param, _, grad in entries]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Performs one optimization step; returns the closure's loss at ``θ`` (or ``None``)."""
+        if self.sam_enabled and closure is None:
+            raise ValueError(
+                "SAM is on (rho > 0): call opt.step(closure) with a closure that runs "
+                "forward and backward on the batch and returns the loss"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if self.sam_enabled:
+                _check_loss(loss, "base")
+        entries = [
+            (param, group, param.grad)
+            for group in self.param_groups
+            for param in group["params"]
+            if param.grad is not None
+        ]
+        if not all(torch.isfinite(grad).all() for _, _, grad in entries):
+            self.sam_state["skipped_steps"] += 1
+            return loss
+
+        t = self.sam_state["step"] + 1
+        sam = self.sam
+        sync, scalars = self._decide(entries, t) if self.sam_enabled else (False, {})
+        keeps_shear = sam["k"] > 1 or sam["adaptive"]
+        new_shear = {}
+        if sync:
+            grads = self._adversarial_grads(entries, closure, t)
+            if not all(torch.isfinite(grad).all() for grad in grads):
+                self.sam_state["skipped_steps"] += 1
+                return loss
+            if keeps_shear:
+                new_shear = {
+                    param: shear_force(adv, grad) for (param, _, grad), adv in zip(entries, grads)
+                }
+        elif self.sam_enabled and keeps_shear:
+            grads = [
+                inject_shear(grad, self.state[param]["shear_force"], scalars["alpha_t"])
+                if "shear_force" in self.state[param]
+                else grad
+                for param, _, grad in entries
+            ]
+        else:
+            grads = [grad for _, _, grad in entries]
+
+        for (param, group, _), grad in zip(entries, grads):
+            state = self._state(param)
+            update = ars2_update if self._track_is_ars2(group, param) else adamw_update
+            update(param, grad, state, group)
+            if param in new_shear:
+                state["shear_force"] = new_shear[param]
+
+        self.sam_state.update(scalars, step=t)
+        if sync:
+            self.sam_state["last_sync"] = t
+            self.sam_state["sync_count"] += 1
+        return loss
+
+
+def _validate_group(group: dict[str, Any], where: str) -> None:
+    lr, eps, weight_decay, ns_steps = (
+        group["lr"],
+        group["eps"],
+        group["weight_decay"],
+        group["ns_steps"],
+    )
+    if not lr >= 0:
+        raise ValueError(f"{where}: lr={lr} must be >= 0")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise ValueError(f"{where}: betas={betas} must be two values in [0, 1)")
+    if not eps > 0:
+        raise ValueError(f"{where}: eps={eps} must be > 0")
+    if not weight_decay >= 0:
+        raise ValueError(f"{where}: weight_decay={weight_decay} must be >= 0")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"{where}: ns_steps={ns_steps!r} must be an integer >= 1")
+    ns_dtype = group["ns_dtype"]
+    if ns_dtype is not None and not (
+        isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point
+    ):
+        raise ValueError(f"{where}: ns_dtype={ns_dtype!r} must be None or a floating torch dtype")
+    if group["ars2"] not in (None, True, False):
+        raise ValueError(f"{where}: ars2={group['ars2']!r} must be True, False or None")
+
+
+def _validate_sam(**sam: Any) -> dict[str, Any]:
+    rho, k, alpha, adaptive = sam["rho"], sam["k"], sam["alpha"], sam["adaptive"]
+    if not rho >= 0:
+        raise ValueError(f"rho={rho} must be >= 0")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k={k!r} must be a non-negative integer")
+    if not alpha >= 0:
+        raise ValueError(f"alpha={alpha} must be >= 0")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"adaptive={adaptive!r} must be a bool")
+    if not 0 <= sam["adaptive_beta"] < 1:
+        raise ValueError(f"adaptive_beta={sam['adaptive_beta']} must be in [0, 1)")
+    if not sam["adaptive_lambda"] >= 0:
+        raise ValueError(f"adaptive_lambda={sam['adaptive_lambda']} must be >= 0")
+    if not sam["adaptive_gamma"] >= 0:
+        raise ValueError(f"adaptive_gamma={sam['adaptive_gamma']} must be >= 0")
+    if rho > 0 and k == 0 and not adaptive:
+        raise ValueError(
+            f"rho={rho} turns SAM on but k=0 and adaptive=False: set k >= 1 or adaptive"
+        )
+    if rho == 0 and (k > 0 or adaptive):
+        raise ValueError(f"rho=0 turns SAM off but k={k}, adaptive={adaptive}: set rho > 0")
+    return {name: value for name, value in sam.items()}

@@ -86,9 +86,16 @@ def perturbation(
 
 
 def shear_force(adversarial_grad: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The component of ``adversarial_grad`` orthogonal to ``grad`` (SPEC §5.2)."""
-    coef = torch.sum(adversarial_grad * grad) / (torch.sum(grad * grad) + TINY)
-    return adversarial_grad - coef * grad
+    """The component of ``adversarial_grad`` orthogonal to ``grad`` (SPEC §5.2).
+
+    Computed from ``Δ = g_adv − g`` as ``Δ − (⟨Δ, g⟩ / (‖g‖² + tiny))·g``: the same
+    vector as SPEC's ``g_adv − (⟨g_adv, g⟩ / (‖g‖² + tiny))·g`` up to
+    ``tiny/(‖g‖² + tiny)·g``, without the cancellation that costs the SPEC form
+    its low-order digits in float32 when ``g_adv ≈ g``.
+    """
+    delta = adversarial_grad - grad
+    coef = torch.sum(delta * grad) / (torch.sum(grad * grad) + TINY)
+    return delta - coef * grad
 
 
 def inject_shear(grad: torch.Tensor, shear: torch.Tensor, alpha_t: float) -> torch.Tensor:

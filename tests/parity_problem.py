@@ -44,10 +44,10 @@ ADAMW_HPARAMS = dict(lr=0.01, b1=0.8, b2=0.995, eps=1e-6, weight_decay=0.01)
 # The four SAM modes of SPEC §5.
 MODES = {
     "base": dict(rho=0.0, k=0, alpha=0.1, adaptive=False),
-    "sync": dict(rho=0.05, k=1, alpha=0.1, adaptive=False),
-    "delayed": dict(rho=0.05, k=3, alpha=0.3, adaptive=False),
+    "sync": dict(rho=0.3, k=1, alpha=0.1, adaptive=False),
+    "delayed": dict(rho=0.3, k=3, alpha=0.3, adaptive=False),
     "adaptive": dict(
-        rho=0.05,
+        rho=0.3,
         k=6,
         alpha=0.3,
         adaptive=True,

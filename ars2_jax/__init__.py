@@ -1,0 +1,47 @@
+"""ARS2-Neo for JAX: composable Optax transformations (SPEC.md)."""
+
+from ars2_jax._alias import (
+    DEFAULT_MAX_DIM,
+    STATIC_ARGS,
+    ars2_neo,
+    default_param_labels,
+)
+from ars2_jax._newton_schulz import (
+    NS_COEFFS,
+    NS_EPS,
+    default_dimension_numbers,
+    default_ns_dtype,
+    newton_schulz,
+)
+from ars2_jax._orthogonalize import orthogonalize_with_energy
+from ars2_jax._sam import (
+    TINY,
+    SharpnessAwareState,
+    adam_second_moments,
+    diagnostics,
+    inject_shear,
+    perturbation,
+    sharpness_aware,
+    shear_force,
+)
+
+__all__ = [
+    "DEFAULT_MAX_DIM",
+    "NS_COEFFS",
+    "NS_EPS",
+    "STATIC_ARGS",
+    "TINY",
+    "SharpnessAwareState",
+    "adam_second_moments",
+    "ars2_neo",
+    "default_dimension_numbers",
+    "default_ns_dtype",
+    "default_param_labels",
+    "diagnostics",
+    "inject_shear",
+    "newton_schulz",
+    "orthogonalize_with_energy",
+    "perturbation",
+    "sharpness_aware",
+    "shear_force",
+]

@@ -105,3 +105,63 @@ def assert_decisions_well_posed(reference, margin: float = 1e-6) -> None:
     for step, r in enumerate(reference, start=1):
         if r["decided_by_phi"]:
             assert abs(r["phi"] - r["threshold"]) > margin, f"ill-posed decision at step {step}"
+
+
+def jax_optimizer(mode: str, ns_dtype=None, **overrides):
+    """``ars2_neo`` with the problem's track hyperparameters and the mode's SAM settings."""
+    import ars2_jax
+
+    ars2, adamw = problem.ARS2_HPARAMS, problem.ADAMW_HPARAMS
+    kwargs = dict(
+        learning_rate=ars2["lr"],
+        b1=ars2["b1"],
+        b2=ars2["b2"],
+        eps=ars2["eps"],
+        weight_decay=ars2["weight_decay"],
+        adamw_learning_rate=adamw["lr"],
+        adamw_b1=adamw["b1"],
+        adamw_b2=adamw["b2"],
+        adamw_eps=adamw["eps"],
+        adamw_weight_decay=adamw["weight_decay"],
+        ns_dtype=ns_dtype,
+        **problem.sam_settings(mode),
+    )
+    kwargs.update(overrides)
+    return ars2_jax.ars2_neo(**kwargs)
+
+
+def flax_loss(params, batch):
+    """The problem's loss for Flax-layout params."""
+    return problem.loss({n: problem.from_flax(n, p) for n, p in params.items()}, batch)
+
+
+def run_jax(mode: str, steps: int = problem.STEPS, dtype=None, ns_dtype=None, tx=None):
+    """Returns (final params as float64 NumPy in the PyTorch layout, per-step diagnostics)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import ars2_jax
+
+    dtype = dtype or jnp.float64
+    tx = tx or jax_optimizer(mode, ns_dtype)
+    params = {
+        n: jnp.asarray(problem.to_flax(n, p), dtype) for n, p in problem.initial_params().items()
+    }
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, batch):
+        grad_fn = jax.grad(lambda p: flax_loss(p, batch))
+        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    history = []
+    for batch in problem.batches(steps):
+        before = int(ars2_jax.diagnostics(state)["sync_count"])
+        params, state = step(params, state, {n: jnp.asarray(x, dtype) for n, x in batch.items()})
+        diag = {n: np.asarray(v).item() for n, v in ars2_jax.diagnostics(state).items()}
+        diag["sync"] = diag["sync_count"] > before
+        history.append(diag)
+    final = {n: problem.from_flax(n, np.asarray(p, np.float64)) for n, p in params.items()}
+    return final, history

@@ -1,0 +1,326 @@
+"""What every experiment shares: TOML configs, optimizers from configs, and reports.
+
+* :func:`load_config` reads ``configs/<task>/<name>.toml``.
+* :func:`optax_optimizer` / :func:`torch_optimizer` build the optimizer a config's
+  ``[optimizer]`` table names (``adamw``, ``muon`` or ``ars2_neo``).
+* :class:`RunRecorder` writes ``metrics.jsonl`` as epochs finish and, at the end,
+  ``summary.md`` (a milestone table) and ``curves.png``; :func:`write_comparison`
+  writes the table of several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import jax.numpy as jnp
+import optax
+
+import ars2_jax
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float64": jnp.float64}
+
+
+# --- configs ----------------------------------------------------------------------------
+
+
+def load_config(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads a TOML config; ``name`` defaults to the file's stem."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    with path.open("rb") as f:
+        config = tomllib.load(f)
+    config.setdefault("name", path.stem)
+    for table in ("optimizer", "train"):
+        if table not in config:
+            raise ValueError(f"{path}: the config has no [{table}] table")
+    return config
+
+
+def ns_dtype_of(optimizer: dict[str, Any]):
+    """The config's ``ns_dtype`` (``"bfloat16"``, ``"float32"``, ``"float64"`` or absent)."""
+    name = optimizer.get("ns_dtype")
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"ns_dtype={name!r} must be one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# --- optimizers -------------------------------------------------------------------------
+
+
+def optax_optimizer(
+    optimizer: dict[str, Any],
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    muon_dimension_numbers: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The optax transformation an ``[optimizer]`` table describes.
+
+    Every result accepts ``grad_fn=`` (the baselines ignore it), so that one train
+    step serves all optimizers.
+
+    Args:
+      optimizer: the config's ``[optimizer]`` table.
+      learning_rate: overrides ``optimizer['learning_rate']`` (e.g. a schedule); the
+        AdamW track (ARS2-Neo) and Adam part (Muon) follow it in proportion.
+      muon_dimension_numbers: Muon only: the model's tree of
+        ``MuonDimensionNumbers`` (``None`` leaves go to Adam).
+    """
+    name = optimizer["name"]
+    base_lr = optimizer["learning_rate"]
+    lr = base_lr if learning_rate is None else learning_rate
+    b1, b2 = optimizer.get("betas", (0.9, 0.999))
+    eps = optimizer.get("eps", 1e-8)
+    weight_decay = optimizer.get("weight_decay", 0.0)
+
+    def scaled(other_lr):
+        # The second track's learning rate, following a schedule if there is one.
+        if other_lr is None or learning_rate is None or not callable(lr):
+            return other_lr
+        return lambda count: lr(count) * (other_lr / base_lr)
+
+    if name == "adamw":
+        return optax.with_extra_args_support(
+            optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        )
+    if name == "muon":
+        adam = optimizer.get("adam", {})
+        adam_b1, adam_b2 = adam.get("betas", (0.9, 0.999))
+        return optax.with_extra_args_support(
+            optax.contrib.muon(
+                learning_rate=lr,
+                beta=optimizer.get("momentum", 0.95),
+                weight_decay=weight_decay,
+                nesterov=optimizer.get("nesterov", True),
+                adam_learning_rate=scaled(adam.get("learning_rate", base_lr)),
+                adam_b1=adam_b1,
+                adam_b2=adam_b2,
+                adam_weight_decay=adam.get("weight_decay", 0.0),
+                muon_weight_dimension_numbers=muon_dimension_numbers,
+            )
+        )
+    if name == "ars2_neo":
+        track = optimizer.get("adamw_track", {})
+        track_b1, track_b2 = track.get("betas", (b1, b2))
+        return ars2_jax.ars2_neo(
+            learning_rate=lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            ns_steps=optimizer.get("ns_steps", 5),
+            ns_dtype=ns_dtype_of(optimizer),
+            rho=optimizer.get("rho", 0.0),
+            k=optimizer.get("k", 0),
+            alpha=optimizer.get("alpha", 0.1),
+            adaptive=optimizer.get("adaptive", False),
+            adaptive_beta=optimizer.get("adaptive_beta", 0.99),
+            adaptive_lambda=optimizer.get("adaptive_lambda", 2.0),
+            adaptive_gamma=optimizer.get("adaptive_gamma", 2.0),
+            adamw_learning_rate=scaled(track.get("learning_rate", base_lr)),
+            adamw_b1=track_b1,
+            adamw_b2=track_b2,
+            adamw_eps=track.get("eps"),
+            adamw_weight_decay=track.get("weight_decay"),
+        )
+    raise ValueError(f"optimizer name={name!r} must be 'adamw', 'muon' or 'ars2_neo'")
+
+
+class UnsupportedOnTorch(ValueError):
+    """The config's optimizer has no faithful PyTorch counterpart for this model."""
+
+
+def torch_optimizer(optimizer: dict[str, Any], model, *, max_dim: int = ars2_jax.DEFAULT_MAX_DIM):
+    """The ``torch.optim`` optimizer an ``[optimizer]`` table describes.
+
+    Raises:
+      UnsupportedOnTorch: for ``muon``: ``torch.optim.Muon`` accepts only 2-D
+        tensors, and its momentum is not bias-corrected as optax's is, so no run of
+        it would be the same optimizer as the JAX path's.
+    """
+    import torch
+
+    from ars2_torch import ARS2Neo, ars2_param_groups
+
+    name = optimizer["name"]
+    lr = optimizer["learning_rate"]
+    betas = tuple(optimizer.get("betas", (0.9, 0.999)))
+    eps = optimizer.get("eps", 1e-8)
+    weight_decay = optimizer.get("weight_decay", 0.0)
+    if name == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+        )
+    if name == "muon":
+        raise UnsupportedOnTorch(
+            "torch.optim.Muon rejects the 3-D per-head weights and does not bias-correct its "
+            "momentum as optax.contrib.muon does: no torch run would match the JAX Muon run"
+        )
+    if name == "ars2_neo":
+        groups = ars2_param_groups(model, max_dim=max_dim)
+        track = optimizer.get("adamw_track", {})
+        for group in groups:
+            if not group["ars2"]:
+                group.update(
+                    lr=track.get("learning_rate", lr),
+                    betas=tuple(track.get("betas", betas)),
+                    eps=track.get("eps", eps),
+                    weight_decay=track.get("weight_decay", weight_decay),
+                )
+        ns_dtype = optimizer.get("ns_dtype")
+        return ARS2Neo(
+            groups,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            ns_steps=optimizer.get("ns_steps", 5),
+            ns_dtype=None if ns_dtype is None else getattr(torch, ns_dtype),
+            rho=optimizer.get("rho", 0.0),
+            k=optimizer.get("k", 0),
+            alpha=optimizer.get("alpha", 0.1),
+            adaptive=optimizer.get("adaptive", False),
+            adaptive_beta=optimizer.get("adaptive_beta", 0.99),
+            adaptive_lambda=optimizer.get("adaptive_lambda", 2.0),
+            adaptive_gamma=optimizer.get("adaptive_gamma", 2.0),
+        )
+    raise ValueError(f"optimizer name={name!r} must be 'adamw', 'muon' or 'ars2_neo'")
+
+
+# --- reports ----------------------------------------------------------------------------
+
+
+# (key in the milestone table, column title, predicate on one epoch's metrics)
+Milestone = tuple[str, str, Callable[[dict[str, Any]], bool]]
+
+
+def milestones_reached(
+    history: Sequence[dict[str, Any]], milestones: Sequence[Milestone]
+) -> dict[str, tuple[int, float] | None]:
+    """For each milestone, ``(epoch, wall_seconds)`` of the first epoch meeting it, or ``None``."""
+    reached: dict[str, tuple[int, float] | None] = {key: None for key, _, _ in milestones}
+    for row in history:
+        for key, _, predicate in milestones:
+            if reached[key] is None and predicate(row):
+                reached[key] = (row["epoch"], row["wall_seconds"])
+    return reached
+
+
+def format_milestone(value: tuple[int, float] | None) -> str:
+    return "–" if value is None else f"{value[0]} ({value[1]:.0f} s)"
+
+
+class RunRecorder:
+    """Writes one run's ``metrics.jsonl`` as it goes, then ``summary.md`` and ``curves.png``."""
+
+    def __init__(self, out_dir: str | pathlib.Path | None, label: str):
+        self.out_dir = None if out_dir is None else pathlib.Path(out_dir)
+        self.label = label
+        self.history: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "metrics.jsonl").write_text("")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def record(self, row: dict[str, Any]) -> None:
+        row = {key: _plain(value) for key, value in row.items()}
+        self.history.append(row)
+        if self.out_dir is not None:
+            with (self.out_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def finish(
+        self,
+        milestones: Sequence[Milestone],
+        header: str,
+        extra: Sequence[str] = (),
+        curves: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, tuple[int, float] | None]:
+        reached = milestones_reached(self.history, milestones)
+        if self.out_dir is not None:
+            lines = [f"# {self.label}", "", header, ""]
+            lines.append("| " + " | ".join(title for _, title, _ in milestones) + " |")
+            lines.append("|" + "---|" * len(milestones))
+            lines.append(
+                "| " + " | ".join(format_milestone(reached[k]) for k, _, _ in milestones) + " |"
+            )
+            lines += ["", *extra]
+            (self.out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+            if curves:
+                plot_curves(self.out_dir / "curves.png", {self.label: self.history}, curves)
+        return reached
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalars (NumPy and JAX scalars become Python numbers)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def plot_curves(
+    path: str | pathlib.Path,
+    runs: dict[str, Sequence[dict[str, Any]]],
+    curves: Sequence[tuple[str, str]],
+    *,
+    log_x: bool = True,
+) -> None:
+    """One panel per ``(metric key, title)``, one line per run, against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], curves):
+        for label, history in runs.items():
+            epochs = [row["epoch"] for row in history if key in row]
+            values = [row[key] for row in history if key in row]
+            ax.plot(epochs, values, label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_comparison(
+    path: str | pathlib.Path, header: str, columns: Sequence[str], rows: Sequence[Sequence[str]]
+) -> str:
+    """Writes (and returns) a Markdown table."""
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    pathlib.Path(path).write_text(text)
+    return text
+
+
+def progress(total: int, description: str, quiet: bool):
+    """A tqdm bar (``None`` in quiet mode)."""
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, dynamic_ncols=True, leave=True)

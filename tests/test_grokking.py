@@ -1,0 +1,100 @@
+"""The grokking experiment end to end on tiny.toml, in both frameworks."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import common, grokking
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "grokking" / "tiny.toml"
+
+
+def _table(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_data_split_and_epoch_order():
+    data = grokking.make_data(113, 0.3, split_seed=0)
+    assert len(data.train_y) == 3830 and len(data.test_y) == 113 * 113 - 3830
+    pairs = {tuple(x[:2]) for x in np.concatenate([data.train_x, data.test_x])}
+    assert len(pairs) == 113 * 113
+    np.testing.assert_array_equal(data.train_y, (data.train_x[:, 0] + data.train_x[:, 1]) % 113)
+    assert (data.train_x[:, 2] == 113).all()
+    import jax
+
+    key = jax.random.key(0)
+    indices, mask = jax.device_get(grokking.epoch_order(key, 0, 3830, 512))
+    assert indices.shape == (8, 512) and mask.sum(axis=1).tolist() == [512] * 7 + [246]
+    assert sorted(indices[mask > 0].tolist()) == list(range(3830))
+    other, _ = jax.device_get(grokking.epoch_order(key, 1, 3830, 512))
+    assert not np.array_equal(indices, other)
+
+
+def test_tiny_config_in_both_frameworks(tmp_path):
+    config = common.load_config(TINY)
+    settings = grokking.RunSettings(epochs=3, quiet=True, out_dir=tmp_path, ns_dtype="float32")
+    results, text = grokking.compare([config], ["jax", "torch"], settings)
+    rows = _table((tmp_path / "comparison.md").read_text())
+    assert [row[:2] for row in rows] == [["tiny", "jax"], ["tiny", "torch"]]
+    assert text == (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    for framework in ("jax", "torch"):
+        run_dir = tmp_path / f"tiny-{framework}"
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+        assert {"train_loss", "eval_acc", "effective_k", "wall_seconds"} <= set(
+            json.loads(lines[0])
+        )
+        summary = (run_dir / "summary.md").read_text()
+        assert len(_table(summary)[0]) == len(grokking.MILESTONES)
+        assert (run_dir / "curves.png").stat().st_size > 0
+    # Same split, order and initial weights: the two paths differ only in rounding.
+    jax_run, torch_run = results
+    for jax_row, torch_row in zip(jax_run["history"], torch_run["history"]):
+        assert jax_row["train_loss"] == pytest.approx(torch_row["train_loss"], rel=1e-3)
+        assert jax_row["sync_count"] == torch_row["sync_count"]
+
+
+def test_muon_on_torch_is_reported_not_run(tmp_path):
+    config = common.load_config(ROOT / "configs" / "grokking" / "muon.toml")
+    config["task"], config["model"] = (
+        common.load_config(TINY)["task"],
+        common.load_config(TINY)["model"],
+    )
+    settings = grokking.RunSettings(epochs=1, quiet=True, out_dir=tmp_path)
+    results, text = grokking.compare([config], ["jax", "torch"], settings)
+    rows = _table(text)
+    assert rows[0][1] == "jax" and rows[1][1] == "torch"
+    assert "torch.optim.Muon rejects the 3-D" in rows[1][-1]
+    assert len(results) == 1
+
+
+def test_command_line_as_a_script(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "grokking.py"),
+            "--config",
+            str(TINY),
+            "--epochs",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "summary.md").exists()

@@ -68,6 +68,36 @@ def as_matrices(x: jax.Array, dimension_numbers: MuonDimensionNumbers):
     return view, lambda y: y.reshape(permuted).transpose(inverse_order)
 
 
+def orthogonalize_wide_matrices(
+    matrices: jax.Array,
+    steps: int,
+    coeffs: tuple[float, float, float],
+    work_dtype: jnp.dtype,
+    eps: float,
+) -> jax.Array:
+    """The iteration of SPEC §3 on a batch ``(batch, rows, cols)`` with ``rows <= cols``.
+
+    Matmul inputs are rounded to ``work_dtype``; products accumulate, and the
+    polynomial is combined, in at least float32 (as bf16 tensor cores do), which
+    keeps bf16 about twice as close to the exact result as rounding each product
+    and each coefficient to bf16. The steps run in a ``fori_loop``: on CPU it
+    compiles about twice as fast as the unrolled form and runs no slower.
+    """
+    accumulate = jnp.promote_types(work_dtype, jnp.float32)
+    matmul = lambda p, q: jnp.matmul(p, q, preferred_element_type=accumulate)
+    m = matrices.astype(accumulate)
+    m = (m / (jnp.linalg.norm(m, axis=(1, 2), keepdims=True) + eps)).astype(work_dtype)
+    a, b, c = coeffs
+
+    def step(_, m):
+        gram = matmul(m, m.mT)
+        gram_work = gram.astype(work_dtype)
+        poly = (b * gram + c * matmul(gram_work, gram_work)).astype(work_dtype)
+        return (a * m.astype(accumulate) + matmul(poly, m)).astype(work_dtype)
+
+    return jax.lax.fori_loop(0, steps, step, m)
+
+
 def newton_schulz(
     x: jax.Array,
     steps: int = 5,
@@ -90,7 +120,8 @@ def newton_schulz(
     one of ``optax.contrib.muon`` (a test checks that they agree in float32), which
     optax does not export as a public function. Here the matrices of a batch go
     through one batched matmul per product whose inputs are in the dtype of
-    SPEC §3 and whose products accumulate in at least float32.
+    SPEC §3 and whose products accumulate in at least float32 (see
+    :func:`orthogonalize_wide_matrices`).
 
     Args:
       x: an array with ``ndim >= 2``.
@@ -117,24 +148,11 @@ def newton_schulz(
     if dimension_numbers is None:
         dimension_numbers = default_dimension_numbers(x.ndim)
     work_dtype = default_ns_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
-    # Matmul inputs are rounded to the iteration dtype; products accumulate, and
-    # the polynomial is combined, in at least float32 (as bf16 tensor cores do),
-    # which keeps bf16 about twice as close to the exact result as rounding each
-    # product and each coefficient to bf16.
-    accumulate = jnp.promote_types(work_dtype, jnp.float32)
-    matmul = lambda p, q: jnp.matmul(p, q, preferred_element_type=accumulate)
     view, inverse = as_matrices(x, dimension_numbers)
-    m = view.astype(accumulate)
-    transposed = m.shape[1] > m.shape[2]
+    transposed = view.shape[1] > view.shape[2]
     if transposed:
-        m = m.mT
-    m = (m / (jnp.linalg.norm(m, axis=(1, 2), keepdims=True) + eps)).astype(work_dtype)
-    a, b, c = coeffs
-    for _ in range(steps):
-        gram = matmul(m, m.mT)
-        gram_work = gram.astype(work_dtype)
-        poly = (b * gram + c * matmul(gram_work, gram_work)).astype(work_dtype)
-        m = (a * m.astype(accumulate) + matmul(poly, m)).astype(work_dtype)
+        view = view.mT
+    out = orthogonalize_wide_matrices(view, steps, coeffs, work_dtype, eps)
     if transposed:
-        m = m.mT
-    return inverse(m).astype(x.dtype)
+        out = out.mT
+    return inverse(out).astype(x.dtype)

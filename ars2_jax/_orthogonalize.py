@@ -7,11 +7,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from ars2_jax._newton_schulz import NS_COEFFS, NS_EPS, newton_schulz
-from ars2_jax._validation import check_static_int
+from ars2_jax._newton_schulz import (
+    NS_COEFFS,
+    NS_EPS,
+    as_matrices,
+    default_dimension_numbers,
+    default_ns_dtype,
+    orthogonalize_wide_matrices,
+)
+from ars2_jax._validation import check_float_dtype, check_static_int
 
 # Per-leaf dimension numbers: one for every leaf, a tree of them (``None`` leaves
 # take the default view), or a function of the updates returning such a tree.
@@ -34,6 +42,33 @@ def frobenius_norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(x * x))
 
 
+def _directions(leaves, dims, steps, coeffs, ns_dtype, eps, group_same_shapes):
+    """``NS(u)`` of every leaf, same-shaped matrices batched together."""
+    views = []
+    for update, dimension_numbers in zip(leaves, dims):
+        if dimension_numbers is None:
+            dimension_numbers = default_dimension_numbers(update.ndim)
+        view, inverse = as_matrices(update, dimension_numbers)
+        transposed = view.shape[1] > view.shape[2]
+        work_dtype = default_ns_dtype(update.dtype) if ns_dtype is None else jnp.dtype(ns_dtype)
+        views.append((view.mT if transposed else view, inverse, transposed, work_dtype))
+    groups: dict[Any, list[int]] = {}
+    for i, (view, _, _, work_dtype) in enumerate(views):
+        key = (view.shape[1:], view.dtype, work_dtype) if group_same_shapes else i
+        groups.setdefault(key, []).append(i)
+    results: list[Any] = [None] * len(views)
+    for members in groups.values():
+        batch = jnp.concatenate([views[i][0] for i in members])
+        ortho = orthogonalize_wide_matrices(batch, steps, coeffs, views[members[0]][3], eps)
+        sizes = np.cumsum([views[i][0].shape[0] for i in members])[:-1]
+        for i, part in zip(members, jnp.split(ortho, sizes)):
+            results[i] = part
+    directions = []
+    for update, (_, inverse, transposed, _), ortho in zip(leaves, views, results):
+        directions.append(inverse(ortho.mT if transposed else ortho).astype(update.dtype))
+    return directions
+
+
 def orthogonalize_with_energy(
     ns_steps: int = 5,
     ns_dtype: jnp.dtype | None = None,
@@ -41,6 +76,7 @@ def orthogonalize_with_energy(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     ns_coeffs: tuple[float, float, float] = NS_COEFFS,
     ns_eps: float = NS_EPS,
+    group_same_shapes: bool = True,
 ) -> optax.GradientTransformation:
     r"""Replaces each update ``u`` by its energy times its orthogonalized direction.
 
@@ -63,6 +99,10 @@ def orthogonalize_with_energy(
         :func:`ars2_jax.default_dimension_numbers`.
       ns_coeffs: the quintic's coefficients.
       ns_eps: added to each matrix's norm before normalizing.
+      group_same_shapes: run the matrices of all leaves that share a matrix shape
+        (after the transpose to ``rows <= cols``) and dtypes through one batched
+        Newton-Schulz call, instead of one call per leaf. The same numbers, fewer
+        and larger matmuls.
 
     Returns:
       A stateless :class:`optax.GradientTransformation`; every leaf must have
@@ -82,6 +122,7 @@ def orthogonalize_with_energy(
       (3, 4)
     """
     check_static_int("ns_steps", ns_steps, 1)
+    check_float_dtype("ns_dtype", ns_dtype)
 
     def update_fn(updates, state, params=None):
         del params
@@ -90,19 +131,17 @@ def orthogonalize_with_energy(
             dims = dims(updates)
         if dims is None or isinstance(dims, MuonDimensionNumbers):
             dims = jax.tree.map(lambda _: dims, updates)
-
-        def one(update, dimension_numbers):
-            energy = frobenius_norm(update)
-            direction = newton_schulz(
-                update,
-                ns_steps,
-                ns_coeffs,
-                ns_dtype,
-                dimension_numbers=dimension_numbers,
-                eps=ns_eps,
-            )
-            return (energy * direction).astype(update.dtype)
-
-        return jax.tree.map(one, updates, dims, is_leaf=is_dimension_numbers_leaf), state
+        leaves, treedef = jax.tree.flatten(updates)
+        directions = _directions(
+            leaves,
+            treedef.flatten_up_to(dims),
+            ns_steps,
+            ns_coeffs,
+            ns_dtype,
+            ns_eps,
+            group_same_shapes,
+        )
+        out = [(frobenius_norm(u) * d).astype(u.dtype) for u, d in zip(leaves, directions)]
+        return jax.tree.unflatten(treedef, out), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -16,7 +16,7 @@ from ars2_jax._orthogonalize import (
     orthogonalize_with_energy,
 )
 from ars2_jax._sam import SecondMomentsFn, sharpness_aware
-from ars2_jax._validation import check, check_static_int
+from ars2_jax._validation import check, check_float_dtype, check_static_int
 
 TRACKS = ("ars2", "adamw")
 # Tensors with a dimension this large (embedding tables) stay on AdamW (SPEC §1).
@@ -47,11 +47,17 @@ def default_param_labels(params: optax.Params, max_dim: int = DEFAULT_MAX_DIM) -
 def _resolve_labels(param_labels: Any, params: Any) -> Any:
     labels = param_labels(params) if callable(param_labels) else param_labels
     # A prefix tree of labels is allowed, as in optax.partition: broadcast it.
-    labels = jax.tree.map(
-        lambda label, sub: jax.tree.map(lambda _: label, sub),
-        labels,
-        params,
-    )
+    try:
+        labels = jax.tree.map(
+            lambda label, sub: jax.tree.map(lambda _: label, sub),
+            labels,
+            params,
+        )
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "param_labels must be a tree (or a prefix of the tree) of the params with a "
+            f"label 'ars2' or 'adamw' for every leaf: {error}"
+        ) from error
     for path, label in jax.tree_util.tree_leaves_with_path(labels):
         if label not in TRACKS:
             raise ValueError(
@@ -157,6 +163,27 @@ def ars2_neo(
                         add_decayed_weights, scale_by_learning_rate),
           'adamw': adamw}))
 
+    Edge cases (tested in ``tests/test_hardening_jax.py``):
+
+    * a NaN or Inf in the gradient or in any gradient ``grad_fn`` returns skips
+      the step: zero updates, the state untouched but for ``skipped_steps``
+      (see :func:`ars2_jax.sharpness_aware`);
+    * a zero gradient leaves a leaf to weight decay alone (``NS(0) = 0``, and its
+      perturbation and shear force are 0); an empty params tree is a no-op that
+      counts a step;
+    * a rank-1 ``u`` (a ``1×N`` or ``N×1`` leaf, all-equal gradients) has one
+      singular value, so ``NS(u) = f⁵(1)·u/‖u‖`` with ``f⁵(1) ≈ 0.70``: such a leaf
+      steps like Adam scaled by 0.70 (within a few % with the bfloat16 iteration);
+    * scalars and vectors go to AdamW; a 5-D or larger kernel is the matrix
+      ``(prod(rest), out)``;
+    * bfloat16 params keep bfloat16 moments, in which a ``b2`` above about 0.998
+      stops the second moment from decaying (``b2`` or ``ν·b2`` rounds to 1 or to
+      ``ν``, also with ``inject_hyperparams(..., hyperparam_dtype=jnp.float32)``):
+      use ``b2 <= 0.995`` with bfloat16 params, or float32 params;
+    * hyperparameters that are not one finite real number (a string, ``None``,
+      a sequence, ``nan``) raise ``ValueError``; gradients or ``grad_fn`` outputs
+      shaped unlike the params raise ``ValueError``.
+
     Args:
       learning_rate: the ARS2 track's learning rate (or schedule).
       b1: decay of the first moment.
@@ -230,8 +257,7 @@ def ars2_neo(
     """
     _validate_track("", learning_rate, b1, b2, eps, weight_decay)
     check_static_int("ns_steps", ns_steps, 1)
-    if ns_dtype is not None and not jnp.issubdtype(jnp.dtype(ns_dtype), jnp.floating):
-        raise ValueError(f"ns_dtype={ns_dtype!r} must be None or a floating dtype")
+    check_float_dtype("ns_dtype", ns_dtype)
     adamw_learning_rate = learning_rate if adamw_learning_rate is None else adamw_learning_rate
     adamw_b1 = b1 if adamw_b1 is None else adamw_b1
     adamw_b2 = b2 if adamw_b2 is None else adamw_b2

@@ -117,17 +117,21 @@ def adam_second_moments(b2: float, eps: float) -> SecondMomentsFn:
     return second_moments
 
 
-def _check_same_structure(tree: Any, reference: Any, what: str) -> None:
+def _check_same_structure(
+    tree: Any, reference: Any, what: str, reference_name: str = "the gradients"
+) -> None:
     if jax.tree.structure(tree) != jax.tree.structure(reference):
         raise ValueError(
             f"{what} has the tree structure {jax.tree.structure(tree)}, "
-            f"but the gradients have {jax.tree.structure(reference)}"
+            f"but {reference_name} have {jax.tree.structure(reference)}"
         )
-    for leaf, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(reference)):
+    for (path, leaf), ref in zip(
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference)
+    ):
         if jnp.shape(leaf) != jnp.shape(ref):
             raise ValueError(
-                f"{what} has a leaf of shape {jnp.shape(leaf)} where the gradient has "
-                f"{jnp.shape(ref)}"
+                f"{what} has a leaf {jax.tree_util.keystr(path)} of shape {jnp.shape(leaf)} "
+                f"where {reference_name} have {jnp.shape(ref)}"
             )
 
 
@@ -147,7 +151,7 @@ def validate_sam(rho: Any, k: Any, alpha: Any, adaptive: Any, **adaptive_args: A
     )
     check("adaptive_lambda", adaptive_args["adaptive_lambda"], lambda v: v >= 0, "must be >= 0")
     check("adaptive_gamma", adaptive_args["adaptive_gamma"], lambda v: v >= 0, "must be >= 0")
-    rho_value = concrete_float(rho)
+    rho_value = concrete_float("rho", rho)
     if rho_value is None:
         return
     if rho_value > 0 and k == 0 and not adaptive:
@@ -290,6 +294,7 @@ def sharpness_aware(
                 "SAM is on (rho > 0): call tx.update(grads, state, params, grad_fn=grad_fn) "
                 "with grad_fn(params) -> grads on the same batch"
             )
+        _check_same_structure(updates, params, "the gradient", "the params")
         dtype = _scalar_dtype()
         grads = preprocess(updates, params)
         t = state.step + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -178,6 +179,19 @@ class ARS2Neo(torch.optim.Optimizer):
     optimizer state are left as they were, and ``diagnostics['skipped_steps']``
     counts it.
 
+    Edge cases (tested in ``tests/test_hardening_torch.py``): a zero gradient
+    leaves a tensor to weight decay alone, while a tensor whose ``.grad`` is
+    ``None`` is left alone entirely, as in every ``torch.optim`` optimizer; a
+    rank-1 ``u`` (``1×N``, ``N×1``, all-equal gradients) has ``NS(u) =
+    f⁵(1)·u/‖u‖`` with ``f⁵(1) ≈ 0.70``, so such a tensor steps like Adam scaled by
+    0.70 (within ~6% with the bfloat16 iteration); a 5-D or larger weight is the
+    matrix ``(out, rest)``; an empty parameter list raises ``ValueError``, as in
+    ``torch.optim``. bfloat16 params keep bfloat16 moments, where ``ν·β2`` rounds
+    back to ``ν`` for ``β2`` above about 0.998: use ``β2 <= 0.995`` with bfloat16
+    params, or float32 params. With SAM off the closure's return value is passed
+    through unchecked, as ``torch.optim`` does; with SAM on it must be the scalar
+    loss on both passes (``ValueError`` otherwise).
+
     Args:
       params: tensors or param groups.
       lr: learning rate.
@@ -313,6 +327,22 @@ class ARS2Neo(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict was saved with other SAM settings (saved, current): {differ}"
             )
+        # torch checks the group sizes (and names a mismatch itself) but not the
+        # shapes of the state tensors: a state of another model would load silently.
+        saved_groups = state_dict["param_groups"]
+        sizes = [len(group["params"]) for group in self.param_groups]
+        if sizes == [len(group["params"]) for group in saved_groups]:
+            for index, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
+                for position, (param, key) in enumerate(
+                    zip(group["params"], saved_group["params"])
+                ):
+                    for name, value in state_dict["state"].get(key, {}).items():
+                        if name != "step" and torch.is_tensor(value) and value.shape != param.shape:
+                            raise ValueError(
+                                f"state_dict does not fit param group {index}, parameter "
+                                f"{position}: its {name!r} has shape {tuple(value.shape)}, the "
+                                f"parameter {tuple(param.shape)}"
+                            )
         super().load_state_dict(state_dict)
         self.sam_state = dict(saved["sam_state"])
 
@@ -337,7 +367,7 @@ class ARS2Neo(torch.optim.Optimizer):
         grad_dot_shear = grad_sq = shear_sq = 0.0
         for param, _, grad in entries:
             grad_sq += _dot(grad, grad)
-            shear = self.state[param].get("shear_force")
+            shear = self.state.get(param, {}).get("shear_force")
             if shear is not None:
                 grad_dot_shear += _dot(grad, shear)
                 shear_sq += _dot(shear, shear)
@@ -364,7 +394,9 @@ class ARS2Neo(torch.optim.Optimizer):
         rho = self.sam["rho"]
         backups = []
         for param, group, grad in entries:
-            state = self.state[param]
+            # .get: reading self.state[param] would store an empty state for a new
+            # tensor, and a skipped step must leave the state as it was.
+            state = self.state.get(param, {})
             e = perturbation(
                 param, grad, state.get("exp_avg_sq"), group["betas"][1], group["eps"], rho, t
             )
@@ -421,7 +453,7 @@ class ARS2Neo(torch.optim.Optimizer):
         elif self.sam_enabled and keeps_shear:
             grads = [
                 inject_shear(grad, self.state[param]["shear_force"], scalars["alpha_t"])
-                if "shear_force" in self.state[param]
+                if "shear_force" in self.state.get(param, {})
                 else grad
                 for param, _, grad in entries
             ]
@@ -442,7 +474,29 @@ class ARS2Neo(torch.optim.Optimizer):
         return loss
 
 
+def _is_real(value: Any) -> bool:
+    """One finite real number: a Python or NumPy number, or a one-element tensor.
+
+    Strings, ``None``, bools and sequences are not (``"0.1" >= 0`` would raise a
+    ``TypeError`` deep inside, and ``True`` would pass for ``1``).
+    """
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and bool(torch.isfinite(value).all())
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _check_real(name: str, value: Any) -> None:
+    if not _is_real(value):
+        raise ValueError(f"{name}={value!r} must be a finite real number")
+
+
 def _validate_group(group: dict[str, Any], where: str) -> None:
+    for name in ("lr", "eps", "weight_decay"):
+        _check_real(f"{where}: {name}", group[name])
     lr, eps, weight_decay, ns_steps = (
         group["lr"],
         group["eps"],
@@ -452,8 +506,12 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
     if not lr >= 0:
         raise ValueError(f"{where}: lr={lr} must be >= 0")
     betas = group["betas"]
-    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-        raise ValueError(f"{where}: betas={betas} must be two values in [0, 1)")
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(_is_real(beta) and 0 <= beta < 1 for beta in betas)
+    ):
+        raise ValueError(f"{where}: betas={betas!r} must be two numbers in [0, 1)")
     if not eps > 0:
         raise ValueError(f"{where}: eps={eps} must be > 0")
     if not weight_decay >= 0:
@@ -470,6 +528,8 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
 
 
 def _validate_sam(**sam: Any) -> dict[str, Any]:
+    for name in ("rho", "alpha", "adaptive_beta", "adaptive_lambda", "adaptive_gamma"):
+        _check_real(name, sam[name])
     rho, k, alpha, adaptive = sam["rho"], sam["k"], sam["alpha"], sam["adaptive"]
     if not rho >= 0:
         raise ValueError(f"rho={rho} must be >= 0")

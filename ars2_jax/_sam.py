@@ -70,12 +70,17 @@ def perturbation(
     """The scale-aware natural-gradient perturbation ``e`` of one tensor (SPEC §5.2).
 
     ``nu`` is the second moment before this step's update; ``‖e‖ = rho`` unless the
-    direction is zero.
+    direction is zero. The direction is divided by its largest entry before its
+    norm is taken: ``rho·(n/s) / (‖n/s‖ + tiny/s)`` is SPEC's ``rho·n / (‖n‖ + tiny)``,
+    and stays finite when ``‖n‖²`` would overflow (on step 1 ``n = g/eps·|θ|``).
     """
     bias = 1 - b2 ** jnp.maximum(1, step - 1) + TINY
     v_hat_prev = nu / bias
     direction = grad / (jnp.sqrt(v_hat_prev) + eps) * jnp.abs(param)
-    e = rho * direction / (frobenius_norm(direction) + TINY)
+    largest = jnp.max(jnp.abs(direction), initial=0.0)
+    scale = jnp.where(largest > 0, largest, 1.0)
+    unit = direction / scale
+    e = rho * unit / (frobenius_norm(unit) + TINY / scale)
     return e.astype(param.dtype)
 
 

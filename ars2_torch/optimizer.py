@@ -77,13 +77,19 @@ def perturbation(
     """The scale-aware natural-gradient SAM perturbation ``e`` of one tensor (SPEC §5.2).
 
     ``exp_avg_sq`` is the second moment before this step's update (``None`` when
-    the tensor has no state yet, as on step 1); ``‖e‖ = rho`` unless ``n = 0``.
+    the tensor has no state yet, as on step 1); ``‖e‖ = rho`` unless ``n = 0``. The
+    direction is divided by its largest entry before its norm is taken:
+    ``rho·(n/s) / (‖n/s‖ + tiny/s)`` is SPEC's ``rho·n / (‖n‖ + tiny)``, and stays
+    finite when ``‖n‖²`` would overflow (on step 1 ``n = g/eps·|θ|``).
     """
     if exp_avg_sq is None:
         exp_avg_sq = torch.zeros_like(grad)
     v_hat_prev = exp_avg_sq / (1 - beta2 ** max(1, step - 1) + TINY)
     direction = grad / (v_hat_prev.sqrt() + eps) * param.abs()
-    return rho * direction / (torch.linalg.vector_norm(direction) + TINY)
+    largest = direction.abs().max() if direction.numel() else direction.new_zeros(())
+    scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+    unit = direction / scale
+    return rho * unit / (torch.linalg.vector_norm(unit) + TINY / scale)
 
 
 def shear_force(adversarial_grad: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -432,6 +438,11 @@ class ARS2Neo(torch.optim.Optimizer):
             for param in group["params"]
             if param.grad is not None
         ]
+        if self.sam_enabled and not entries:
+            raise ValueError(
+                "the closure left every parameter without a gradient: with SAM on it must "
+                "run forward and call loss.backward()"
+            )
         if not all(torch.isfinite(grad).all() for _, _, grad in entries):
             self.sam_state["skipped_steps"] += 1
             return loss

@@ -527,3 +527,11 @@ def test_run_jax_history_counts_steps():
     _, history = run_jax("delayed", steps=4, dtype=jnp.float32, ns_dtype=jnp.float32)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert [h["sync"] for h in history] == [True, False, False, True]
+
+
+def test_perturbation_norm_does_not_overflow_in_float32():
+    # Step 1: n = g / eps * |θ| ~ 1e8 * 1e12; ‖n‖² would overflow float32.
+    param = grad = jnp.full((4, 3), 1e6, jnp.float32)
+    e = perturbation(param, grad, jnp.zeros_like(param), 0.99, 1e-8, 0.3, jnp.asarray(1))
+    assert bool(jnp.all(jnp.isfinite(e)))
+    assert float(jnp.linalg.norm(e)) == pytest.approx(0.3, rel=1e-5)

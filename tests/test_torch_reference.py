@@ -364,6 +364,13 @@ def test_param_group_validated_and_ars2_needs_matrices():
         ARS2Neo([{"params": list(model.parameters()), "ars2": True}])
 
 
+def test_closure_without_backward_is_rejected():
+    model = _mlp()
+    opt = ARS2Neo(ars2_param_groups(model), rho=0.1, k=1)
+    with pytest.raises(ValueError, match=r"call loss\.backward"):
+        opt.step(lambda: model(torch.randn(2, 4)).sum())
+
+
 def test_closure_returning_nothing_is_rejected():
     model = _mlp()
     opt = ARS2Neo(ars2_param_groups(model), rho=0.1, k=1)
@@ -373,3 +380,12 @@ def test_closure_returning_nothing_is_rejected():
 
     with pytest.raises(ValueError, match="returned None"):
         opt.step(closure)
+
+
+def test_perturbation_norm_does_not_overflow_in_float32():
+    # Step 1: n = g / eps * |θ| ~ 1e8 * 1e12; ‖n‖² would overflow float32.
+    param = torch.full((4, 3), 1e6)
+    grad = torch.full((4, 3), 1e6)
+    e = perturbation(param, grad, None, 0.99, 1e-8, 0.3, 1)
+    assert torch.isfinite(e).all()
+    assert torch.linalg.vector_norm(e).item() == pytest.approx(0.3, rel=1e-5)

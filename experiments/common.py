@@ -23,6 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -200,6 +201,39 @@ def torch_optimizer(optimizer: dict[str, Any], model, *, max_dim: int = ars2_jax
     raise ValueError(f"optimizer name={name!r} must be 'adamw', 'muon' or 'ars2_neo'")
 
 
+# --- resources --------------------------------------------------------------------------
+
+
+def newton_schulz_loop_flops(
+    params: Any, ns_steps: int, max_dim: int = ars2_jax.DEFAULT_MAX_DIM
+) -> float:
+    """FLOPs of ``ns_steps - 1`` Newton-Schulz iterations on ARS2-Neo's default ARS2 track.
+
+    XLA's cost analysis counts the body of a loop once, and ``ars2_jax.newton_schulz``
+    iterates in a ``fori_loop``: add this to the count of a step that runs ``ars2_neo``
+    with the default labels and matrix views. An iteration on an ``r×c`` matrix
+    (``r <= c``) is ``X Xᵀ`` (``2r²c``), ``A A`` (``2r³``) and ``B X`` (``2r²c``).
+
+    Args:
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+      ns_steps: the optimizer's Newton-Schulz iterations.
+      max_dim: the default labels' limit (SPEC §1).
+    """
+    total = 0.0
+    labels = jax.tree.leaves(ars2_jax.default_param_labels(params, max_dim))
+    for label, leaf in zip(labels, jax.tree.leaves(params)):
+        if label != "ars2":
+            continue
+        dims = ars2_jax.default_dimension_numbers(len(leaf.shape))
+        axes = lambda a: (a,) if isinstance(a, int) else a
+        rows = math.prod(leaf.shape[a] for a in axes(dims.reduction_axis))
+        cols = math.prod(leaf.shape[a] for a in axes(dims.output_axis))
+        batch = math.prod(leaf.shape) // (rows * cols)
+        small, large = sorted((rows, cols))
+        total += batch * (4 * small * small * large + 2 * small**3)
+    return total * (ns_steps - 1)
+
+
 # --- reports ----------------------------------------------------------------------------
 
 
@@ -237,6 +271,16 @@ class RunRecorder:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def restore_history(self, rows: list[dict[str, Any]]) -> None:
+        """Continues a resumed run: its earlier epochs, and its clock where it stopped."""
+        self.history = []
+        if self.out_dir is not None:
+            (self.out_dir / "metrics.jsonl").write_text("")
+        for row in rows:
+            self.record(row)
+        if rows:
+            self.start = time.perf_counter() - rows[-1]["wall_seconds"]
 
     def record(self, row: dict[str, Any]) -> None:
         row = {key: _plain(value) for key, value in row.items()}
@@ -324,3 +368,93 @@ def progress(total: int, description: str, quiet: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, dynamic_ncols=True, leave=True)
+
+
+# --- many seeds -------------------------------------------------------------------------
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-7"``, ``"0,3,5"`` or ``"0-3,8"`` → a list of seeds, in order, without repeats."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, dash, last = part.partition("-")
+            seeds.extend(range(int(first), int(last) + 1) if dash else [int(part)])
+    except ValueError:
+        raise ValueError(
+            f"--seeds {text!r}: use a list or ranges of seeds, e.g. 0-7 or 0,3,5"
+        ) from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r} names no seed")
+    return list(dict.fromkeys(seeds))
+
+
+def epochs_to(reached: Sequence[tuple[int, float] | None], never: int) -> list[int]:
+    """Epochs at which each seed reached a milestone; ``never`` for the seeds that did not."""
+    return [never if value is None else value[0] for value in reached]
+
+
+def seed_statistics(reached: Sequence[tuple[int, float] | None], max_epochs: int) -> str:
+    """``median [q25, q75] (n/S)`` of the epochs at which the seeds reached a milestone.
+
+    A seed that never reached it counts as later than the run's end, so a quartile
+    that lands on such a seed reads ``>E``.
+    """
+    import numpy as np
+
+    epochs = np.asarray(epochs_to(reached, max_epochs + 1), dtype=float)
+    count = sum(value is not None for value in reached)
+
+    def show(q):
+        value = float(np.percentile(epochs, q, method="linear"))
+        return f">{max_epochs}" if value > max_epochs else f"{value:.0f}"
+
+    return f"{show(50)} [{show(25)}, {show(75)}] ({count}/{len(reached)})"
+
+
+def mann_whitney(a: Sequence[int], b: Sequence[int]) -> tuple[float, float]:
+    """Two-sided Mann-Whitney U of two samples of epochs: ``(U of a, p-value)``."""
+    from scipy.stats import mannwhitneyu
+
+    result = mannwhitneyu(a, b, alternative="two-sided")
+    return float(result.statistic), float(result.pvalue)
+
+
+def plot_bands(
+    path: str | pathlib.Path,
+    runs: dict[str, Sequence[Sequence[dict[str, Any]]]],
+    curves: Sequence[tuple[str, str]],
+    *,
+    log_x: bool = True,
+) -> None:
+    """Median line and interquartile band over seeds, one colour per run, against epoch.
+
+    A seed whose history ended early (it met the early-stop level) keeps its last
+    value for the later epochs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], curves):
+        for label, histories in runs.items():
+            length = max(len(h) for h in histories)
+            values = np.array(
+                [[row[key] for row in h] + [h[-1][key]] * (length - len(h)) for h in histories]
+            )
+            epochs = np.arange(1, length + 1)
+            q25, median, q75 = np.percentile(values, [25, 50, 75], axis=0)
+            (line,) = ax.plot(epochs, median, label=f"{label} (median of {len(histories)})")
+            ax.fill_between(epochs, q25, q75, color=line.get_color(), alpha=0.2)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

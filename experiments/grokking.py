@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import pathlib
 import statistics
@@ -33,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import ars2_jax
-from experiments import common
+from experiments import common, distributed, parallel
 from models.grokking import GrokkingConfig, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,6 +54,9 @@ MILESTONES: list[common.Milestone] = [
     ("eval_99", "eval acc > 99%", lambda r: r["eval_acc"] > 0.99),
 ]
 CURVES = (("train_acc", "train accuracy"), ("eval_acc", "eval accuracy"))
+# The data order of seed s comes from jax.random.key(s + ORDER_KEY_OFFSET), apart
+# from the key that initializes the weights.
+ORDER_KEY_OFFSET = 1_000_003
 
 
 # --- data -------------------------------------------------------------------------------
@@ -77,18 +83,24 @@ def make_data(p: int, train_fraction: float, split_seed: int) -> Data:
     return Data(tokens[train], labels[train], tokens[test], labels[test])
 
 
-def epoch_order(order_key: jax.Array, epoch, n_train: int, batch_size: int):
-    """The shuffled example indices of one epoch as ``(batches, batch_size)``, with a mask.
+def epoch_order(
+    order_key: jax.Array, epoch, n_train: int, batch_size: int, padded_size: int | None = None
+):
+    """The shuffled example indices of one epoch as ``(batches, padded_size)``, with a mask.
 
     Every epoch is a fresh permutation; the last batch is the remainder (246 of
-    512 for the default task), padded with index 0 and masked out.
+    512 for the default task), padded with index 0 and masked out. Every batch is
+    padded the same way to ``padded_size`` columns (a multiple of the device
+    count, for a batch split over devices), which leaves the masked loss as it is.
     """
     n_batches = math.ceil(n_train / batch_size)
     order = jax.random.permutation(jax.random.fold_in(order_key, epoch), n_train)
     padding = n_batches * batch_size - n_train
     indices = jnp.concatenate([order, jnp.zeros(padding, order.dtype)])
     mask = (jnp.arange(n_batches * batch_size) < n_train).astype(jnp.float32)
-    return indices.reshape(n_batches, batch_size), mask.reshape(n_batches, batch_size)
+    indices, mask = indices.reshape(n_batches, -1), mask.reshape(n_batches, -1)
+    extra = (padded_size or batch_size) - batch_size
+    return jnp.pad(indices, ((0, 0), (0, extra))), jnp.pad(mask, ((0, 0), (0, extra)))
 
 
 # --- the JAX path -----------------------------------------------------------------------
@@ -126,16 +138,37 @@ def batch_loss(model: Transformer, params, x, y, mask):
     return jnp.sum(losses * mask) / count, (correct, count)
 
 
-def make_train_epoch(model: Transformer, tx, batch_size: int):
-    """``(params, opt_state, train_x, train_y, order_key, epoch) -> (params, opt_state, sums)``."""
+def make_train_epoch(
+    model: Transformer,
+    tx,
+    batch_size: int,
+    *,
+    over_seeds: bool = False,
+    seed_data: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+):
+    """``(params, opt_state, train_x, train_y, order_key, epoch) -> (params, opt_state, means)``.
+
+    With ``over_seeds``, every argument but ``epoch`` has a leading seed axis
+    (``train_x``/``train_y`` only with ``seed_data``: one split per seed) and the
+    epoch runs under :func:`jax.vmap`. With a ``mesh``, every batch is split over
+    its devices (padded and masked to a multiple of their count) while the
+    params, the optimizer state and the data stay replicated: the gradients are
+    global means, so the run equals one device's (SPEC §5.1).
+    """
+    padded_size, shard = batch_size, lambda x: x
+    if mesh is not None:
+        padded_size = math.ceil(batch_size / mesh.size) * mesh.size
+        batch_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+        shard = lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
 
     def train_epoch(params, opt_state, train_x, train_y, order_key, epoch):
-        indices, masks = epoch_order(order_key, epoch, train_x.shape[0], batch_size)
+        indices, masks = epoch_order(order_key, epoch, train_x.shape[0], batch_size, padded_size)
 
         def step(carry, batch):
             params, opt_state = carry
             index, mask = batch
-            x, y = train_x[index], train_y[index]
+            x, y, mask = shard(train_x[index]), shard(train_y[index]), shard(mask)
             loss_fn = functools.partial(batch_loss, model, x=x, y=y, mask=mask)
             (loss, (correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             grad_fn = jax.grad(lambda p: loss_fn(p)[0])
@@ -149,15 +182,51 @@ def make_train_epoch(model: Transformer, tx, batch_size: int):
         n = jnp.sum(counts)
         return params, opt_state, {"loss": jnp.sum(loss_sums) / n, "acc": jnp.sum(corrects) / n}
 
-    return jax.jit(train_epoch, donate_argnums=(0, 1))
+    if over_seeds:
+        data_axis = 0 if seed_data else None
+        train_epoch = jax.vmap(train_epoch, in_axes=(0, 0, data_axis, data_axis, 0, None))
+    if mesh is None:
+        return jax.jit(train_epoch, donate_argnums=(0, 1))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        train_epoch,
+        in_shardings=(replicated,) * 5 + (None,),
+        out_shardings=replicated,
+        donate_argnums=(0, 1),
+    )
 
 
-def make_evaluate(model: Transformer):
+def make_evaluate(
+    model: Transformer,
+    *,
+    over_seeds: bool = False,
+    seed_data: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+):
+    """``(params, x, y) -> {loss, acc}`` over the examples whose label is not ``-1``
+    (the padding of a test set split over devices)."""
+
     def evaluate(params, x, y):
-        loss, (correct, count) = batch_loss(model, params, x, y, jnp.ones(y.shape, jnp.float32))
+        mask = (y >= 0).astype(jnp.float32)
+        if mesh is not None:
+            sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+            x, y, mask = (jax.lax.with_sharding_constraint(a, sharding) for a in (x, y, mask))
+        loss, (correct, count) = batch_loss(model, params, x, y, mask)
         return {"loss": loss, "acc": correct / count}
 
+    if over_seeds:
+        data_axis = 0 if seed_data else None
+        evaluate = jax.vmap(evaluate, in_axes=(0, data_axis, data_axis))
     return jax.jit(evaluate)
+
+
+def pad_for_devices(x: np.ndarray, y: np.ndarray, devices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pads an evaluation set to a multiple of ``devices`` examples, labelled ``-1`` (masked)."""
+    extra = -len(y) % devices
+    return (
+        np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)]),
+        np.concatenate([y, np.full(extra, -1, y.dtype)]),
+    )
 
 
 def make_forward_backward_epoch(model: Transformer, batch_size: int):
@@ -205,6 +274,10 @@ class RunSettings:
     out_dir: str | pathlib.Path | None = None
     quiet: bool = False
     timing: bool = False
+    ckpt_every: int = 0  # epochs between checkpoints (0: none), under out_dir/checkpoints
+    keep: int | None = 3  # checkpoints kept (None: all)
+    resume: str | pathlib.Path | None = None  # a run directory to continue
+    devices: int = 1  # JAX: split every batch over this many local devices
 
 
 def _resolved(config: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
@@ -222,21 +295,39 @@ def train_and_evaluate(
     """Trains one config in one framework; returns the history, milestones and timings.
 
     Writes ``metrics.jsonl``, ``summary.md`` and ``curves.png`` under
-    ``settings.out_dir`` when it is set.
+    ``settings.out_dir`` when it is set (process 0 only, when several processes
+    train together: see ``experiments/distributed.py``).
     """
     settings = settings or RunSettings()
     config = _resolved(config, settings)
     if settings.framework not in ("jax", "torch"):
         raise ValueError(f"framework={settings.framework!r} must be 'jax' or 'torch'")
+    previous = []
+    if settings.resume is not None:
+        previous = _read_history(pathlib.Path(settings.resume) / "metrics.jsonl")
+        if settings.out_dir is None:
+            settings = dataclasses.replace(settings, out_dir=settings.resume)
+    if settings.devices > 1 and settings.framework != "jax":
+        raise ValueError("devices > 1 is for the JAX path (torch: use DDP, see the README)")
+    if jax.process_count() > 1 and settings.devices != jax.device_count():
+        raise ValueError(
+            f"devices={settings.devices} must be all {jax.device_count()} devices of the "
+            f"{jax.process_count()} processes"
+        )
+    if settings.ckpt_every and settings.out_dir is None:
+        raise ValueError("ckpt_every needs an output directory (--out) to hold the checkpoints")
     task = config.get("task", {})
     split_seed = settings.seed if settings.split_seed is None else settings.split_seed
     data = make_data(task.get("p", 113), task.get("train_fraction", 0.3), split_seed)
     model = Transformer(model_config(config))
     params = init_params(model, settings.seed)
     label = f"{config['name']} ({settings.framework})"
-    recorder = common.RunRecorder(settings.out_dir, label)
+    # Several processes (experiments/distributed.py) train one model: process 0 writes.
+    recorder = common.RunRecorder(
+        settings.out_dir if distributed.is_main_process() else None, label
+    )
     run = _train_jax if settings.framework == "jax" else _train_torch
-    timings = run(config, settings, data, model, params, recorder)
+    timings = run(config, settings, data, model, params, recorder, previous)
     epoch_seconds = [row["epoch_seconds"] for row in recorder.history[1:]] or [
         recorder.history[0]["epoch_seconds"]
     ]
@@ -283,13 +374,27 @@ def _epoch_row(epoch, train_metrics, eval_metrics, diagnostics, recorder, epoch_
     return row
 
 
-def _loop(config, settings, recorder, run_epoch) -> None:
+def _read_history(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _checkpoint_dir(settings: RunSettings, *, resuming: bool = False) -> pathlib.Path:
+    return pathlib.Path(settings.resume if resuming else settings.out_dir) / "checkpoints"
+
+
+def _loop(config, settings, recorder, run_epoch, start_epoch=1, on_epoch_end=None) -> None:
     """Runs epochs until the last or until eval accuracy reaches the early-stop level."""
     train = config["train"]
     epochs = train["epochs"]
     stop_at = train.get("early_stop_eval_acc", 0.99) if settings.early_stop else math.inf
+    if recorder.history and recorder.history[-1]["eval_acc"] >= stop_at:
+        return
     bar = common.progress(epochs, recorder.label, settings.quiet)
-    for epoch in range(1, epochs + 1):
+    if bar is not None:
+        bar.update(start_epoch - 1)
+    for epoch in range(start_epoch, epochs + 1):
         start = time.perf_counter()
         train_metrics, eval_metrics, diagnostics = run_epoch(epoch)
         row = _epoch_row(
@@ -304,47 +409,120 @@ def _loop(config, settings, recorder, run_epoch) -> None:
             if "effective_k" in row:
                 postfix["k_eff"] = f"{row['effective_k']:.2f}"
             bar.set_postfix(postfix)
+        if on_epoch_end is not None and settings.ckpt_every and epoch % settings.ckpt_every == 0:
+            on_epoch_end(epoch)
         if row["eval_acc"] >= stop_at:
             break
     if bar is not None:
         bar.close()
 
 
-def _train_jax(config, settings, data, model, params, recorder) -> dict[str, float]:
-    batch_size = config["train"].get("batch_size", 512)
-    tx = common.optax_optimizer(
-        config["optimizer"], muon_dimension_numbers=muon_dimension_numbers(params)
+_PROGRAMS: dict[Any, tuple[Any, Any, Any]] = {}
+
+
+def jax_program(config, *, over_seeds: bool = False, seed_data: bool = False, devices: int = 1):
+    """``(tx, train_epoch, evaluate)`` for a config, built once per process.
+
+    Runs of the same config (several seeds one after another, a resumed run) reuse
+    the jitted functions, so they compile once. ``devices > 1`` splits each batch
+    over that many local devices.
+    """
+    key = (
+        model_config(config),
+        json.dumps(config["optimizer"], sort_keys=True),
+        config["train"].get("batch_size", 512),
+        over_seeds,
+        seed_data,
+        devices,
     )
-    opt_state = tx.init(params)
-    train_epoch = make_train_epoch(model, tx, batch_size)
-    evaluate = make_evaluate(model)
+    if key not in _PROGRAMS:
+        model = Transformer(key[0])
+        shapes = jax.eval_shape(lambda: init_params(model, 0))
+        tx = common.optax_optimizer(
+            config["optimizer"], muon_dimension_numbers=muon_dimension_numbers(shapes)
+        )
+        mesh = parallel.make_mesh(devices) if devices > 1 else None
+        options = dict(over_seeds=over_seeds, seed_data=seed_data, mesh=mesh)
+        _PROGRAMS[key] = (
+            tx,
+            make_train_epoch(model, tx, key[2], **options),
+            make_evaluate(model, **options),
+        )
+    return _PROGRAMS[key]
+
+
+def _train_state(params, tx, seed: int) -> dict[str, Any]:
+    # At an epoch boundary the position in the data order is the epoch itself:
+    # each epoch's order is a function of (order_key, epoch).
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "order_key": jax.random.key(seed + ORDER_KEY_OFFSET),
+        "epoch": 0,
+    }
+
+
+def initial_train_state(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """The JAX train state a run starts from (and the template its checkpoints restore into)."""
+    tx, _, _ = jax_program(config)
+    return _train_state(init_params(Transformer(model_config(config)), seed), tx, seed)
+
+
+def _train_jax(config, settings, data, model, params, recorder, previous) -> dict[str, float]:
+    batch_size = config["train"].get("batch_size", 512)
+    tx, train_epoch, evaluate = jax_program(config, devices=settings.devices)
     train_x, train_y = jnp.asarray(data.train_x), jnp.asarray(data.train_y)
-    test_x, test_y = jnp.asarray(data.test_x), jnp.asarray(data.test_y)
-    order_key = jax.random.key(settings.seed + 1_000_003)
+    test_x, test_y = (
+        jnp.asarray(a) for a in pad_for_devices(data.test_x, data.test_y, settings.devices)
+    )
     is_ars2 = config["optimizer"]["name"] == "ars2_neo"
-    state = {"params": params, "opt_state": opt_state}
+    state = _train_state(params, tx, settings.seed)
+    if settings.devices > 1:
+        mesh = parallel.make_mesh(settings.devices)
+        # Every process built the same data and state; replicate checks it. The
+        # epoch stays a Python int (the progress bar and the checkpoints want one).
+        epoch = state.pop("epoch")
+        state, train_x, train_y, test_x, test_y = distributed.replicate(
+            (state, train_x, train_y, test_x, test_y), mesh
+        )
+        state["epoch"] = epoch
+    if settings.resume is not None or settings.ckpt_every:
+        from ars2_jax import checkpoint
+
+        # Every process writes its part of a checkpoint into the same directory.
+        for run_dir in (settings.out_dir if settings.ckpt_every else None, settings.resume):
+            if run_dir is not None:
+                distributed.check_shared_directory(run_dir)
+    if settings.resume is not None:
+        state = checkpoint.restore(_checkpoint_dir(settings, resuming=True), like=state)
+        recorder.restore_history([row for row in previous if row["epoch"] <= state["epoch"]])
 
     def run_epoch(epoch):
         state["params"], state["opt_state"], train_metrics = train_epoch(
-            state["params"], state["opt_state"], train_x, train_y, order_key, epoch - 1
+            state["params"], state["opt_state"], train_x, train_y, state["order_key"], epoch - 1
         )
+        state["epoch"] = epoch
         eval_metrics = jax.device_get(evaluate(state["params"], test_x, test_y))
         diagnostics = ars2_jax.diagnostics(state["opt_state"]) if is_ars2 else {}
         return jax.device_get(train_metrics), eval_metrics, jax.device_get(diagnostics)
 
-    _loop(config, settings, recorder, run_epoch)
+    def save(epoch):
+        checkpoint.save(_checkpoint_dir(settings), state, step=epoch, keep=settings.keep)
+
+    _loop(config, settings, recorder, run_epoch, state["epoch"] + 1, save)
     if not settings.timing:
         return {}
     forward_backward = make_forward_backward_epoch(model, batch_size)
     floor = _median_seconds(
-        lambda: forward_backward(state["params"], train_x, train_y, order_key, 0)
+        lambda: forward_backward(state["params"], train_x, train_y, state["order_key"], 0)
     ) + _median_seconds(lambda: evaluate(state["params"], test_x, test_y))
     return {"floor_seconds": floor}
 
 
-def _train_torch(config, settings, data, model, params, recorder) -> dict[str, float]:
+def _train_torch(config, settings, data, model, params, recorder, previous) -> dict[str, float]:
     import torch
 
+    from ars2_torch import checkpoint
     from models.grokking_torch import from_flax_params
 
     batch_size = config["train"].get("batch_size", 512)
@@ -352,10 +530,17 @@ def _train_torch(config, settings, data, model, params, recorder) -> dict[str, f
     optimizer = common.torch_optimizer(config["optimizer"], net)
     train_x, train_y = torch.from_numpy(data.train_x).long(), torch.from_numpy(data.train_y).long()
     test_x, test_y = torch.from_numpy(data.test_x).long(), torch.from_numpy(data.test_y).long()
-    order_key = jax.random.key(settings.seed + 1_000_003)
+    order_key = jax.random.key(settings.seed + ORDER_KEY_OFFSET)
     n_train = len(data.train_y)
     orders = jax.jit(functools.partial(epoch_order, n_train=n_train, batch_size=batch_size))
     is_ars2 = config["optimizer"]["name"] == "ars2_neo"
+    start_epoch = 1
+    if settings.resume is not None:
+        saved = checkpoint.load(_checkpoint_dir(settings, resuming=True))
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_epoch = saved["epoch"] + 1
+        recorder.restore_history([row for row in previous if row["epoch"] < start_epoch])
 
     def run_epoch(epoch):
         indices, masks = jax.device_get(orders(order_key, epoch - 1))
@@ -387,7 +572,17 @@ def _train_torch(config, settings, data, model, params, recorder) -> dict[str, f
         diagnostics = optimizer.diagnostics if is_ars2 else {}
         return {"loss": loss_sum / count, "acc": correct / count}, eval_metrics, diagnostics
 
-    _loop(config, settings, recorder, run_epoch)
+    def save(epoch):
+        checkpoint.save_step(
+            _checkpoint_dir(settings),
+            epoch,
+            keep=settings.keep,
+            model=net,
+            optimizer=optimizer,
+            epoch=epoch,
+        )
+
+    _loop(config, settings, recorder, run_epoch, start_epoch, save)
     return {}
 
 
@@ -463,6 +658,227 @@ def _add_speed_ratios(results, rows) -> None:
             row[-1] = (row[-1] + "; " if row[-1] else "") + f"jax/torch epoch {ratio:.2f}"
 
 
+# --- many seeds -------------------------------------------------------------------------
+
+
+SEED_MODES = ("auto", "vmap", "sequential")
+
+
+def choose_seed_mode(config: dict[str, Any], seed_mode: str) -> str:
+    """``vmap`` trains all seeds in one compiled program; ``sequential`` one after another.
+
+    ``auto`` picks ``sequential`` for the delayed and adaptive modes of ARS2-Neo:
+    under ``vmap`` their ``lax.cond`` becomes a ``select``, so every seed pays the
+    second gradient on every step (see the README's measurements), and ``vmap``
+    for everything else.
+    """
+    if seed_mode not in SEED_MODES:
+        raise ValueError(f"seed_mode={seed_mode!r} must be one of {SEED_MODES}")
+    if seed_mode != "auto":
+        return seed_mode
+    optimizer = config["optimizer"]
+    conditional = optimizer["name"] == "ars2_neo" and (
+        optimizer.get("adaptive", False) or optimizer.get("k", 0) > 1
+    )
+    return "sequential" if conditional else "vmap"
+
+
+def train_seeds(
+    config: dict[str, Any],
+    seeds: list[int],
+    settings: RunSettings | None = None,
+    seed_mode: str = "auto",
+) -> dict[str, Any]:
+    """Trains one model per seed (JAX) and summarizes the milestones across seeds.
+
+    Each seed has its own initial weights and data order, and its own split
+    unless ``settings.split_seed`` fixes one. Writes ``seed-<s>/`` run directories,
+    ``summary.md`` (median [interquartile range] (seeds reached / seeds) per
+    milestone) and ``curves.png`` (median and band) under ``settings.out_dir``.
+    """
+    settings = settings or RunSettings()
+    out = pathlib.Path(
+        settings.out_dir or ROOT / "results" / "grokking" / f"{config['name']}-seeds"
+    )
+    mode = choose_seed_mode(config, seed_mode)
+    start = time.perf_counter()
+    if mode == "sequential":
+        runs = [
+            train_and_evaluate(
+                config, dataclasses.replace(settings, seed=s, out_dir=out / f"seed-{s}")
+            )
+            for s in seeds
+        ]
+    else:
+        runs = _train_jax_vmapped(config, settings, seeds, out)
+    seconds = time.perf_counter() - start
+    config = _resolved(config, settings)
+    epochs = config["train"]["epochs"]
+    steps_per_epoch = math.ceil(
+        int(config.get("task", {}).get("train_fraction", 0.3) * model_config(config).p ** 2)
+        / config["train"].get("batch_size", 512)
+    )
+    seed_steps = sum(len(run["history"]) for run in runs) * steps_per_epoch
+    table = {
+        key: common.seed_statistics([run["milestones"][key] for run in runs], epochs)
+        for key, _, _ in MILESTONES
+    }
+    lines = [
+        f"# {config['name']}: {len(seeds)} seeds ({mode})",
+        "",
+        "Epoch at which a seed first reaches each milestone: median [25%, 75%] "
+        "(seeds that reached it / seeds); a seed that never did counts as later than the "
+        f"last epoch ({epochs}).",
+        "",
+        "| " + " | ".join(title for _, title, _ in MILESTONES) + " |",
+        "|" + "---|" * len(MILESTONES),
+        "| " + " | ".join(table[key] for key, _, _ in MILESTONES) + " |",
+        "",
+        f"- seeds {', '.join(map(str, seeds))}; "
+        f"split seed {'= seed' if settings.split_seed is None else settings.split_seed}",
+        f"- {seconds:.0f} s in all, {seed_steps / seconds:.1f} seed-steps per second",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    common.plot_bands(out / "curves.png", {config["name"]: [r["history"] for r in runs]}, CURVES)
+    return {
+        "name": config["name"],
+        "label": config["name"],
+        "seeds": seeds,
+        "mode": mode,
+        "runs": runs,
+        "table": table,
+        "max_epochs": epochs,
+        "seconds": seconds,
+        "seed_steps_per_second": seed_steps / seconds,
+    }
+
+
+def _train_jax_vmapped(config, settings, seeds, out) -> list[dict[str, Any]]:
+    """All seeds in one compiled epoch (``jax.vmap`` over the seed axis)."""
+    config = _resolved(config, settings)
+    task, train = config.get("task", {}), config["train"]
+    split_seeds = [s if settings.split_seed is None else settings.split_seed for s in seeds]
+    seed_data = len(set(split_seeds)) > 1
+    datas = [
+        make_data(task.get("p", 113), task.get("train_fraction", 0.3), split)
+        for split in dict.fromkeys(split_seeds)
+    ]
+    stack = lambda arrays: jnp.stack([jnp.asarray(a) for a in arrays])
+    pick = (
+        (lambda field: stack([getattr(d, field) for d in datas]))
+        if seed_data
+        else (lambda field: jnp.asarray(getattr(datas[0], field)))
+    )
+    train_x, train_y, test_x, test_y = (pick(f) for f in ("train_x", "train_y", "test_x", "test_y"))
+    model = Transformer(model_config(config))
+    per_seed = [init_params(model, s) for s in seeds]
+    params = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_seed)
+    tx, train_epoch, evaluate = jax_program(config, over_seeds=True, seed_data=seed_data)
+    opt_state = jax.vmap(tx.init)(params)
+    order_keys = jax.vmap(jax.random.key)(jnp.asarray([s + ORDER_KEY_OFFSET for s in seeds]))
+    is_ars2 = config["optimizer"]["name"] == "ars2_neo"
+    recorders = [
+        common.RunRecorder(out / f"seed-{s}", f"{config['name']} (jax, seed {s})") for s in seeds
+    ]
+    active = [True] * len(seeds)
+    stop_at = train.get("early_stop_eval_acc", 0.99) if settings.early_stop else math.inf
+    bar = common.progress(train["epochs"], f"{config['name']} x{len(seeds)} seeds", settings.quiet)
+    for epoch in range(1, train["epochs"] + 1):
+        start = time.perf_counter()
+        params, opt_state, train_metrics = train_epoch(
+            params, opt_state, train_x, train_y, order_keys, epoch - 1
+        )
+        eval_metrics = jax.device_get(evaluate(params, test_x, test_y))
+        diagnostics = jax.device_get(ars2_jax.diagnostics(opt_state)) if is_ars2 else {}
+        train_metrics = jax.device_get(train_metrics)
+        seconds = time.perf_counter() - start
+        for i, recorder in enumerate(recorders):
+            if not active[i]:
+                continue
+            pick_i = lambda tree, i=i: {k: v[i] for k, v in tree.items()}
+            row = _epoch_row(
+                epoch,
+                pick_i(train_metrics),
+                pick_i(eval_metrics),
+                pick_i(diagnostics),
+                recorder,
+                seconds,
+            )
+            active[i] = row["eval_acc"] < stop_at
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(
+                eval_acc=f"{np.median(eval_metrics['acc']):.3f}", done=f"{active.count(False)}"
+            )
+        if not any(active):
+            break
+    if bar is not None:
+        bar.close()
+    runs = []
+    for seed, recorder in zip(seeds, recorders):
+        milestones = recorder.finish(MILESTONES, f"Optimizer: `{config['optimizer']}`", (), CURVES)
+        runs.append({"seed": seed, "history": recorder.history, "milestones": milestones})
+    return runs
+
+
+def compare_seeds(
+    configs: list[dict[str, Any]], seeds: list[int], settings: RunSettings, seed_mode: str = "auto"
+) -> tuple[list[dict[str, Any]], str]:
+    """Every config over every seed: the milestone table with error bars, and Mann-Whitney
+    U tests of epochs-to-90% between each ARS2-Neo config and each baseline."""
+    out = pathlib.Path(settings.out_dir or ROOT / "results" / "grokking" / "compare-seeds")
+    results = [
+        train_seeds(
+            config, seeds, dataclasses.replace(settings, out_dir=out / config["name"]), seed_mode
+        )
+        for config in configs
+    ]
+    columns = ["run", *(title for _, title, _ in MILESTONES), "seed-steps/s"]
+    rows = [
+        [r["name"], *(r["table"][k] for k, _, _ in MILESTONES), f"{r['seed_steps_per_second']:.1f}"]
+        for r in results
+    ]
+    header = (
+        f"# Grokking over {len(seeds)} seeds ({', '.join(map(str, seeds))})\n\n"
+        "Epoch at which each seed first reaches each milestone: median [25%, 75%] "
+        "(seeds that reached it / seeds); seeds that never did count as later than the "
+        "last epoch."
+    )
+    text = common.write_comparison(out / "comparison.md", header, columns, rows)
+    tests = _milestone_tests(results, configs)
+    if tests:
+        text += "\n" + tests
+        (out / "comparison.md").write_text(text)
+    common.plot_bands(
+        out / "curves.png",
+        {r["name"]: [run["history"] for run in r["runs"]] for r in results},
+        CURVES,
+    )
+    return results, text
+
+
+def _milestone_tests(results, configs, milestone: str = "eval_90") -> str:
+    kinds = {c["name"]: c["optimizer"]["name"] for c in configs}
+    ours = [r for r in results if kinds[r["name"]] == "ars2_neo"]
+    baselines = [r for r in results if kinds[r["name"]] != "ars2_neo"]
+    lines = []
+    for a in ours:
+        for b in baselines:
+            never = max(a["max_epochs"], b["max_epochs"]) + 1
+            x = common.epochs_to([run["milestones"][milestone] for run in a["runs"]], never)
+            y = common.epochs_to([run["milestones"][milestone] for run in b["runs"]], never)
+            u, p = common.mann_whitney(x, y)
+            faster = "earlier" if np.median(x) < np.median(y) else "later"
+            lines.append(
+                f"- {a['name']} vs {b['name']}, epochs to 90% eval accuracy: medians "
+                f"{np.median(x):.0f} vs {np.median(y):.0f} ({a['name']} {faster}); "
+                f"Mann-Whitney U = {u:.1f}, two-sided p = {p:.2g} "
+                f"(n = {len(x)}, {len(y)}; a seed that never reached 90% counts as epoch {never})."
+            )
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 # --- command line -----------------------------------------------------------------------
 
 
@@ -485,17 +901,60 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--framework", default="jax", help="jax, torch, or jax,torch")
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    parser.add_argument(
+        "--seeds", help="many seeds, e.g. 0-7 or 0,3,5: a table with error bars (JAX)"
+    )
+    parser.add_argument(
+        "--seed-mode", choices=SEED_MODES, default="auto", help="how --seeds trains the seeds"
+    )
     parser.add_argument("--split-seed", type=int, help="train/test split (default: --seed)")
     parser.add_argument("--ns-dtype", choices=sorted(common.DTYPES), help="ARS2-Neo's NS dtype")
     parser.add_argument("--no-early-stop", action="store_true", help="run every epoch")
     parser.add_argument("--out", help="output directory (default: results/grokking/...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--ckpt-every", type=int, default=0, metavar="N", help="checkpoint every N epochs"
+    )
+    parser.add_argument("--keep", type=int, default=3, metavar="K", help="checkpoints kept")
+    parser.add_argument(
+        "--devices", type=int, default=1, help="JAX: split every batch over N local devices"
+    )
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        help="JAX: train on N processes (one per host), all devices (env JAX_NUM_PROCESSES)",
+    )
+    parser.add_argument(
+        "--process-id", type=int, help="this process's index, 0 to N-1 (env JAX_PROCESS_ID)"
+    )
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address, the same for all (env JAX_COORDINATOR_ADDRESS)",
+    )
+    parser.add_argument(
         "--timing", action="store_true", help="also time the compute floor (JAX runs)"
     )
     args = parser.parse_args(argv)
+    # Before anything runs on a JAX device.
+    processes = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     frameworks = args.framework.split(",")
+    if args.seeds and frameworks != ["jax"]:
+        parser.error("--seeds trains JAX models only; drop --framework")
+    devices = args.devices
+    if processes > 1:
+        if args.seeds or args.compare is not None or not args.config or frameworks != ["jax"]:
+            parser.error(
+                f"{processes} processes train one JAX run: --config, without "
+                "--compare, --seeds or --framework torch"
+            )
+        if devices not in (1, jax.device_count()):
+            parser.error(
+                f"--devices {devices}: {processes} processes use all {jax.device_count()} devices"
+            )
+        devices = jax.device_count()
     settings = RunSettings(
         seed=args.seed,
         split_seed=args.split_seed,
@@ -503,16 +962,32 @@ def main(argv: list[str] | None = None) -> None:
         ns_dtype=args.ns_dtype,
         early_stop=not args.no_early_stop,
         out_dir=args.out,
-        quiet=args.quiet,
+        quiet=args.quiet or not distributed.is_main_process(),
         timing=args.timing,
+        ckpt_every=args.ckpt_every,
+        keep=args.keep,
+        resume=args.resume,
+        devices=devices,
     )
+    if args.seeds:
+        names = args.compare or ([args.config] if args.config else list(DEFAULT_COMPARE))
+        configs = [common.load_config(_config_path(name)) for name in names]
+        seeds = common.parse_seeds(args.seeds)
+        _, text = compare_seeds(configs, seeds, settings, args.seed_mode)
+        print(text)
+        return
     if args.config and args.compare is None and len(frameworks) == 1:
         config = common.load_config(_config_path(args.config))
-        out = args.out or ROOT / "results" / "grokking" / f"{config['name']}-{frameworks[0]}"
+        out = (
+            args.out
+            or args.resume
+            or ROOT / "results" / "grokking" / f"{config['name']}-{frameworks[0]}"
+        )
         result = train_and_evaluate(
             config, dataclasses.replace(settings, framework=frameworks[0], out_dir=out)
         )
-        print(pathlib.Path(out, "summary.md").read_text())
+        if distributed.is_main_process():
+            print(pathlib.Path(out, "summary.md").read_text())
         del result
         return
     names = args.compare or ([args.config] if args.config else list(DEFAULT_COMPARE))

@@ -98,3 +98,56 @@ def test_command_line_as_a_script(tmp_path):
     )
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "summary.md").exists()
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_resume_at_an_epoch_boundary_is_exact(tmp_path, framework):
+    config = common.load_config(TINY)
+
+    def run(out, epochs, resume=None):
+        settings = grokking.RunSettings(
+            framework=framework,
+            epochs=epochs,
+            quiet=True,
+            out_dir=out,
+            ckpt_every=1,
+            keep=None,
+            resume=resume,
+        )
+        return grokking.train_and_evaluate(config, settings)
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "interrupted", 2)
+    resumed = run(None, 4, resume=tmp_path / "interrupted")
+    drop_clock = lambda rows: [
+        {k: v for k, v in row.items() if k not in ("epoch_seconds", "wall_seconds")} for row in rows
+    ]
+    assert drop_clock(resumed["history"]) == drop_clock(straight["history"])
+    lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    # The final checkpoints hold the same bits.
+    straight_dir = tmp_path / "straight" / "checkpoints"
+    resumed_dir = tmp_path / "interrupted" / "checkpoints"
+    if framework == "jax":
+        import jax
+
+        from ars2_jax import checkpoint
+
+        like = grokking.initial_train_state(config)
+        a, b = (checkpoint.restore(d, like=like, step=4) for d in (straight_dir, resumed_dir))
+        a["order_key"], b["order_key"] = (jax.random.key_data(x["order_key"]) for x in (a, b))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+        import torch
+
+        from ars2_torch import checkpoint
+
+        a, b = (checkpoint.load(d, step=4) for d in (straight_dir, resumed_dir))
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), name
+        for index, state in a["optimizer"]["state"].items():
+            for key, value in state.items():
+                other = b["optimizer"]["state"][index][key]
+                assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+        assert a["optimizer"]["ars2"] == b["optimizer"]["ars2"]

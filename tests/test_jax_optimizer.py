@@ -278,9 +278,8 @@ def test_vmap_over_independent_states_equals_a_loop():
         state = tx.init(p)
         for batch in batches:
             p, state = step(p, state, batch)
-        chex.assert_trees_all_close(
-            p, jax.tree.map(lambda x, s=s: x[s], vparams), rtol=1e-5, atol=1e-6
-        )
+        # vmap batches the matmuls differently: the same up to float32 rounding.
+        assert problem.relative_error(p, jax.tree.map(lambda x, s=s: x[s], vparams)) <= 1e-5
         assert int(ars2_jax.diagnostics(state)["sync_count"]) == int(
             ars2_jax.diagnostics(vstate)["sync_count"][s]
         )

@@ -288,7 +288,9 @@ def test_a_failing_process_stops_the_others(tmp_path, failure, failing):
 # --- the grokking command line --------------------------------------------------------------
 
 
-def test_grokking_on_two_processes_equals_one(tmp_path):
+def test_grokking_on_two_processes_and_on_three_devices_equals_one(tmp_path):
+    """`experiments/grokking.py` on 2 processes, and on 3 devices (which do not divide
+    tiny.toml's batch of 64: padded and masked), gives the metrics of 1 device."""
     grokking = ["experiments.grokking", "--config", "tiny", "--epochs", "2"]
     grokking += ["--ns-dtype", "float32", "--no-early-stop"]
     # Process 1 is started from the JAX_* environment variables and given another
@@ -306,16 +308,31 @@ def test_grokking_on_two_processes_equals_one(tmp_path):
     assert "# tiny (jax)" in finished[0].output and "# tiny (jax)" not in finished[1].output
     written = sorted(p.name for p in (tmp_path / "process-0").iterdir())
     assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
+    # The script form of the command line, on 3 devices of one process.
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "grokking.py"),
+            *grokking[1:],
+            *("--devices", "3", "--quiet", "--out", str(tmp_path / "devices-3")),
+        ],
+        cwd=tmp_path,
+        env=environment(local_devices=3),
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+    )
 
     rows = {
         name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
-        for name in ("process-0", "single")
+        for name in ("process-0", "devices-3", "single")
     }
-    assert len(rows["process-0"]) == len(rows["single"]) == 2
-    for got, expected in zip(rows["process-0"], rows["single"]):
-        assert got["sync_count"] == expected["sync_count"]
-        for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "phi", "threshold"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    for name in ("process-0", "devices-3"):
+        assert len(rows[name]) == len(rows["single"]) == 2
+        for got, expected in zip(rows[name], rows["single"]):
+            assert got["sync_count"] == expected["sync_count"]
+            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "phi", "threshold"):
+                assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (name, key)
 
 
 # --- arguments ------------------------------------------------------------------------------

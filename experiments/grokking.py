@@ -941,6 +941,8 @@ def main(argv: list[str] | None = None) -> None:
     processes = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     frameworks = args.framework.split(",")
+    if args.resume and (not args.config or args.compare is not None or args.seeds):
+        parser.error("--resume continues one run: give its --config, without --compare or --seeds")
     if args.seeds and frameworks != ["jax"]:
         parser.error("--seeds trains JAX models only; drop --framework")
     devices = args.devices

@@ -147,3 +147,18 @@ def test_plot_redraws_curves_from_finished_runs(tmp_path):
     assert list(plot.load_runs([str(tmp_path / "a")])) == ["a"]
     with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl"):
         plot.load_runs([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--resume", "results/grokking/somewhere"],  # which config?
+        ["--config", "tiny", "--resume", "somewhere", "--seeds", "0-1"],
+        ["--seeds", "0-1", "--framework", "torch"],
+    ],
+)
+def test_command_line_refuses_what_it_cannot_do(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        grokking.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err

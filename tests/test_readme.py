@@ -12,7 +12,8 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "SPEC.md")]
+GUIDES = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "SPEC.md")
+PAGES = [ROOT / "README.md", *GUIDES]
 BLOCKS = [
     (page.relative_to(ROOT).as_posix(), index, code)
     for page in PAGES

@@ -5,8 +5,9 @@
 Starts both frameworks from the same weights on the same split and batch order
 (as ``experiments/grokking.py`` does), takes one optimizer step at a time in each,
 and prints, every few epochs, the SPEC §6b relative distance between their
-parameters, and every step at which their SAM sync decisions differ, with the
-margin ``|φ − threshold|`` each side saw. Writes ``divergence.jsonl`` (one row per
+parameters (the largest over tensors, and which tensor it is), and every step at
+which their SAM sync decisions differ, with the margin ``|φ − threshold|`` each
+side saw. Writes ``divergence.jsonl`` (one row per
 step) under ``--out``.
 
 ``--float64`` runs both sides in float64 (params, moments, Newton-Schulz): when the
@@ -96,6 +97,10 @@ def trace(config: dict, epochs: int, seed: int = 0, report_every: int = 10, floa
                 jax_params = {n: np.asarray(v, np.float64) for n, v in params.items()}
                 torch_params = {n: p.detach().double().numpy() for n, p in net.named_parameters()}
                 row["distance"] = relative_distance(jax_params, torch_params)
+                row["tensor_distance"] = {
+                    n: relative_distance({n: jax_params[n]}, {n: torch_params[n]})
+                    for n in torch_params
+                }
             if is_ars2:
                 row["jax"] = {k: float(v) for k, v in ars2_jax.diagnostics(opt_state).items()}
                 row["torch"] = dict(torch_opt.diagnostics)
@@ -141,7 +146,11 @@ def main(argv: list[str] | None = None) -> None:
                         f"torch={margins['torch']:.2e}"
                     )
             if "distance" in row and (row["step"] < 10 or row["step"] % 80 == 0):
-                print(f"step {row['step']} (epoch {row['epoch']}): distance {row['distance']:.2e}")
+                worst = max(row["tensor_distance"], key=row["tensor_distance"].get)
+                print(
+                    f"step {row['step']} (epoch {row['epoch']}): distance {row['distance']:.2e} "
+                    f"(largest in {worst})"
+                )
 
 
 if __name__ == "__main__":

@@ -385,6 +385,23 @@ def _register_torch(registry, workload, name, optimizer, tensors) -> None:
     )
 
 
+def _torch_branch_candidates(workload, section, name, run, warmup) -> list[Candidate]:
+    """One candidate per timed branch of ``run(branch=...)``, a PyTorch step."""
+    if name in CONDITIONAL:
+        run(branch="sync")  # the other branch injects the shear a sync step caches
+    return [
+        Candidate(
+            workload,
+            section,
+            "torch",
+            row_name(name, branch),
+            functools.partial(run, branch=branch),
+            warmup(name),
+        )
+        for branch in branches(name)
+    ]
+
+
 def torch_update_candidates(
     workload, names, tensors, grads, adversarial, configs, registry, warmup
 ) -> list[Candidate]:
@@ -415,19 +432,7 @@ def torch_update_candidates(
                 optimizer.step()
             _torch_sync()
 
-        if name in CONDITIONAL:
-            run(branch="sync")  # the other branch injects the shear a sync step caches
-        for branch in branches(name):
-            candidates.append(
-                Candidate(
-                    workload,
-                    "update",
-                    "torch",
-                    row_name(name, branch),
-                    functools.partial(run, branch=branch),
-                    warmup(name),
-                )
-            )
+        candidates += _torch_branch_candidates(workload, "update", name, run, warmup)
     return candidates
 
 
@@ -500,17 +505,5 @@ def torch_step_candidates(work: workloads.Grokking, names, configs, warmup) -> l
                 optimizer.step()
             _torch_sync()
 
-        if name in CONDITIONAL:
-            run(branch="sync")
-        for branch in branches(name):
-            candidates.append(
-                Candidate(
-                    "a",
-                    "step",
-                    "torch",
-                    row_name(name, branch),
-                    functools.partial(run, branch=branch),
-                    warmup(name),
-                )
-            )
+        candidates += _torch_branch_candidates("a", "step", name, run, warmup)
     return candidates

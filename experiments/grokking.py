@@ -664,13 +664,16 @@ def _add_speed_ratios(results, rows) -> None:
 SEED_MODES = ("auto", "vmap", "sequential")
 
 
-def choose_seed_mode(config: dict[str, Any], seed_mode: str) -> str:
+def choose_seed_mode(config: dict[str, Any], seed_mode: str, backend: str | None = None) -> str:
     """``vmap`` trains all seeds in one compiled program; ``sequential`` one after another.
 
-    ``auto`` picks ``sequential`` for the delayed and adaptive modes of ARS2-Neo:
-    under ``vmap`` their ``lax.cond`` becomes a ``select``, so every seed pays the
-    second gradient on every step (see the README's measurements), and ``vmap``
-    for everything else.
+    ``auto`` picks ``sequential`` on CPUs, where the vmapped program was measured no
+    faster for AdamW and slower for ARS2-Neo (XLA's batched matmuls run slower than
+    separate ones there; see the README's "Across seeds"), and for the delayed and
+    adaptive modes of ARS2-Neo anywhere: under ``vmap`` their ``lax.cond`` becomes a
+    ``select``, so every seed pays the second gradient on every step. Elsewhere
+    (``backend`` defaults to JAX's) it picks ``vmap``, which fills an accelerator that
+    one small model leaves idle.
     """
     if seed_mode not in SEED_MODES:
         raise ValueError(f"seed_mode={seed_mode!r} must be one of {SEED_MODES}")
@@ -680,7 +683,8 @@ def choose_seed_mode(config: dict[str, Any], seed_mode: str) -> str:
     conditional = optimizer["name"] == "ars2_neo" and (
         optimizer.get("adaptive", False) or optimizer.get("k", 0) > 1
     )
-    return "sequential" if conditional else "vmap"
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    return "sequential" if conditional or on_cpu else "vmap"
 
 
 def train_seeds(

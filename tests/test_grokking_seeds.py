@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import pytest
 
 from experiments import common, grokking
@@ -80,8 +81,14 @@ def test_milestone_tests_are_reported_between_ours_and_baselines():
 
 def test_auto_seed_mode():
     config = common.load_config(TINY)
-    assert grokking.choose_seed_mode(config, "auto") == "sequential"  # adaptive: a lax.cond
     base = {**config, "optimizer": {**config["optimizer"], "rho": 0.0, "k": 0, "adaptive": False}}
-    assert grokking.choose_seed_mode(base, "auto") == "vmap"
+    for backend in ("gpu", "tpu"):
+        assert grokking.choose_seed_mode(config, "auto", backend) == "sequential"  # a lax.cond
+        assert grokking.choose_seed_mode(base, "auto", backend) == "vmap"
+    for which in (config, base):  # measured: vmap is no faster on CPUs
+        assert grokking.choose_seed_mode(which, "auto", "cpu") == "sequential"
+    here = "sequential" if jax.default_backend() == "cpu" else "vmap"
+    assert grokking.choose_seed_mode(base, "auto") == here
+    assert grokking.choose_seed_mode(base, "vmap", "cpu") == "vmap"
     with pytest.raises(ValueError, match="seed_mode"):
         grokking.choose_seed_mode(config, "parallel")

@@ -759,8 +759,19 @@ def train_seeds(
 
 
 def _train_jax_vmapped(config, settings, seeds, out) -> list[dict[str, Any]]:
-    """All seeds in one compiled epoch (``jax.vmap`` over the seed axis)."""
+    """All seeds in one compiled epoch (``jax.vmap`` over the seed axis).
+
+    With ``settings.devices > 1`` the seed axis of the params, the optimizer state,
+    the data-order keys (and of the data, one split per seed) is split over that many
+    devices: each device trains its own seeds, and XLA adds no communication.
+    """
     config = _resolved(config, settings)
+    devices = settings.devices
+    if devices > 1 and len(seeds) % devices:
+        raise ValueError(
+            f"{len(seeds)} seeds do not split over {devices} devices: give a multiple of "
+            f"{devices} seeds, or --seed-mode sequential (data parallel within each seed)"
+        )
     task, train = config.get("task", {}), config["train"]
     split_seeds = [s if settings.split_seed is None else settings.split_seed for s in seeds]
     seed_data = len(set(split_seeds)) > 1
@@ -781,6 +792,13 @@ def _train_jax_vmapped(config, settings, seeds, out) -> list[dict[str, Any]]:
     tx, train_epoch, evaluate = jax_program(config, over_seeds=True, seed_data=seed_data)
     opt_state = jax.vmap(tx.init)(params)
     order_keys = jax.vmap(jax.random.key)(jnp.asarray([s + ORDER_KEY_OFFSET for s in seeds]))
+    if devices > 1:
+        split = NamedSharding(parallel.make_mesh(devices), P(parallel.DATA_AXIS))
+        params, opt_state, order_keys = jax.device_put((params, opt_state, order_keys), split)
+        if seed_data:
+            train_x, train_y, test_x, test_y = jax.device_put(
+                (train_x, train_y, test_x, test_y), split
+            )
     is_ars2 = config["optimizer"]["name"] == "ars2_neo"
     recorders = [
         common.RunRecorder(out / f"seed-{s}", f"{config['name']} (jax, seed {s})") for s in seeds

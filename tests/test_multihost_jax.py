@@ -335,6 +335,54 @@ def test_grokking_on_two_processes_and_on_three_devices_equals_one(tmp_path):
                 assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (name, key)
 
 
+def test_vmapped_seeds_split_over_three_devices_equal_one_device(tmp_path):
+    """`--seeds 0-2 --seed-mode vmap --devices 3`: each device trains one seed."""
+    from experiments import common, grokking
+
+    command = [sys.executable, "-m", "experiments.grokking", "--config", "tiny", "--seeds", "0-2"]
+    command += ["--seed-mode", "vmap", "--devices", "3", "--epochs", "2", "--no-early-stop"]
+    command += ["--ns-dtype", "float32", "--quiet", "--out", str(tmp_path / "devices-3")]
+    subprocess.run(
+        command,
+        cwd=ROOT,
+        env=environment(local_devices=3),
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+    )
+    settings = grokking.RunSettings(
+        epochs=2,
+        early_stop=False,
+        ns_dtype="float32",
+        quiet=True,
+        out_dir=tmp_path / "one" / "tiny",
+    )
+    config = common.load_config(ROOT / "configs" / "grokking" / "tiny.toml")
+    grokking.train_seeds(config, [0, 1, 2], settings, seed_mode="vmap")
+    for seed in range(3):
+        rows = {
+            name: [
+                json.loads(line)
+                for line in (tmp_path / name / "tiny" / f"seed-{seed}" / "metrics.jsonl").open()
+            ]
+            for name in ("devices-3", "one")
+        }
+        assert len(rows["devices-3"]) == len(rows["one"]) == 2
+        for got, expected in zip(rows["devices-3"], rows["one"]):
+            assert got["sync_count"] == expected["sync_count"]
+            for key in ("train_loss", "eval_loss", "eval_acc", "phi"):
+                assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (seed, key)
+
+
+def test_seeds_must_split_evenly_over_devices(tmp_path):
+    from experiments import common, grokking
+
+    config = common.load_config(ROOT / "configs" / "grokking" / "tiny.toml")
+    settings = grokking.RunSettings(epochs=1, quiet=True, out_dir=tmp_path, devices=2)
+    with pytest.raises(ValueError, match="3 seeds do not split over 2 devices"):
+        grokking.train_seeds(config, [0, 1, 2], settings, seed_mode="vmap")
+
+
 # --- arguments ------------------------------------------------------------------------------
 
 

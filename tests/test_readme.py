@@ -23,7 +23,7 @@ BLOCKS = [
 
 def test_every_guide_has_runnable_examples():
     pages = {page for page, _, _ in BLOCKS}
-    assert {"README.md", "docs/scaling.md", "docs/checkpoints.md"} <= pages
+    assert {"README.md", "docs/checkpoints.md"} <= pages
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ else:  # pragma: no cover
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import ars2_jax
@@ -320,14 +321,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def plot_curves(
-    path: str | pathlib.Path,
-    runs: dict[str, Sequence[dict[str, Any]]],
-    curves: Sequence[tuple[str, str]],
-    *,
-    log_x: bool = True,
-) -> None:
-    """One panel per ``(metric key, title)``, one line per run, against epoch."""
+def _plot_panels(path, curves, log_x, draw) -> None:
+    """One panel per ``(metric key, title)`` against epoch; ``draw(ax, key)`` fills one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,10 +330,7 @@ def plot_curves(
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], curves):
-        for label, history in runs.items():
-            epochs = [row["epoch"] for row in history if key in row]
-            values = [row[key] for row in history if key in row]
-            ax.plot(epochs, values, label=label)
+        draw(ax, key)
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel("epoch")
@@ -348,6 +340,24 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(
+    path: str | pathlib.Path,
+    runs: dict[str, Sequence[dict[str, Any]]],
+    curves: Sequence[tuple[str, str]],
+    *,
+    log_x: bool = True,
+) -> None:
+    """One panel per ``(metric key, title)``, one line per run, against epoch."""
+
+    def draw(ax, key):
+        for label, history in runs.items():
+            epochs = [row["epoch"] for row in history if key in row]
+            values = [row[key] for row in history if key in row]
+            ax.plot(epochs, values, label=label)
+
+    _plot_panels(path, curves, log_x, draw)
 
 
 def write_comparison(
@@ -400,8 +410,6 @@ def seed_statistics(reached: Sequence[tuple[int, float] | None], max_epochs: int
     A seed that never reached it counts as later than the run's end, so a quartile
     that lands on such a seed reads ``>E``.
     """
-    import numpy as np
-
     epochs = np.asarray(epochs_to(reached, max_epochs + 1), dtype=float)
     count = sum(value is not None for value in reached)
 
@@ -432,14 +440,8 @@ def plot_bands(
     A seed whose history ended early (it met the early-stop level) keeps its last
     value for the later epochs.
     """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], curves):
+    def draw(ax, key):
         for label, histories in runs.items():
             length = max(len(h) for h in histories)
             values = np.array(
@@ -449,12 +451,5 @@ def plot_bands(
             q25, median, q75 = np.percentile(values, [25, 50, 75], axis=0)
             (line,) = ax.plot(epochs, median, label=f"{label} (median of {len(histories)})")
             ax.fill_between(epochs, q25, q75, color=line.get_color(), alpha=0.2)
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    _plot_panels(path, curves, log_x, draw)

@@ -326,12 +326,7 @@ class RunSettings:
 
 
 def resolved(config: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
-    config = {**config, "optimizer": dict(config["optimizer"]), "train": dict(config["train"])}
-    if settings.ns_dtype is not None and config["optimizer"]["name"] == "ars2_neo":
-        config["optimizer"]["ns_dtype"] = settings.ns_dtype
-    if settings.epochs is not None:
-        config["train"]["epochs"] = settings.epochs
-    return config
+    return common.with_overrides(config, settings.ns_dtype, settings.epochs)
 
 
 def train_and_evaluate(
@@ -510,8 +505,7 @@ def estimate_resources(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_path(name_or_path: str) -> pathlib.Path:
-    path = pathlib.Path(name_or_path)
-    return path if path.suffix == ".toml" else CONFIG_DIR / f"{name_or_path}.toml"
+    return common.config_path(name_or_path, CONFIG_DIR)
 
 
 def main(argv: list[str] | None = None) -> None:

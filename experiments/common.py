@@ -50,6 +50,25 @@ def load_config(path: str | pathlib.Path) -> dict[str, Any]:
     return config
 
 
+def config_path(name_or_path: str, config_dir: pathlib.Path) -> pathlib.Path:
+    """A ``.toml`` path as given, or the config of that name in ``config_dir``."""
+    path = pathlib.Path(name_or_path)
+    return path if path.suffix == ".toml" else config_dir / f"{name_or_path}.toml"
+
+
+def with_overrides(
+    config: dict[str, Any], ns_dtype: str | None = None, epochs: int | None = None
+) -> dict[str, Any]:
+    """A copy of ``config`` (its tables copied too) with the command line's overrides:
+    ARS2-Neo's ``ns_dtype`` and the number of epochs, where given."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    if ns_dtype is not None and config["optimizer"]["name"] == "ars2_neo":
+        config["optimizer"]["ns_dtype"] = ns_dtype
+    if epochs is not None:
+        config["train"]["epochs"] = epochs
+    return config
+
+
 def ns_dtype_of(optimizer: dict[str, Any]):
     """The config's ``ns_dtype`` (``"bfloat16"``, ``"float32"``, ``"float64"`` or absent)."""
     name = optimizer.get("ns_dtype")

@@ -281,12 +281,7 @@ class RunSettings:
 
 
 def _resolved(config: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
-    config = {**config, "optimizer": dict(config["optimizer"]), "train": dict(config["train"])}
-    if settings.ns_dtype is not None and config["optimizer"]["name"] == "ars2_neo":
-        config["optimizer"]["ns_dtype"] = settings.ns_dtype
-    if settings.epochs is not None:
-        config["train"]["epochs"] = settings.epochs
-    return config
+    return common.with_overrides(config, settings.ns_dtype, settings.epochs)
 
 
 def train_and_evaluate(

@@ -363,16 +363,8 @@ class RunSettings:
 
 
 def resolved(config: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
-    config = {
-        **config,
-        "optimizer": dict(config["optimizer"]),
-        "train": dict(config["train"]),
-        "data": dict(config.get("data", {})),
-    }
-    if settings.ns_dtype is not None and config["optimizer"]["name"] == "ars2_neo":
-        config["optimizer"]["ns_dtype"] = settings.ns_dtype
-    if settings.epochs is not None:
-        config["train"]["epochs"] = settings.epochs
+    config = common.with_overrides(config, settings.ns_dtype, settings.epochs)
+    config.setdefault("data", {})
     if settings.data is not None:
         context = config["data"].get("context", 255)
         config["data"] = {**settings.data, "context": context}
@@ -555,8 +547,7 @@ def estimate_resources(config: dict[str, Any], vocab_size: int | None = None) ->
 
 
 def _config_path(name_or_path: str) -> pathlib.Path:
-    path = pathlib.Path(name_or_path)
-    return path if path.suffix == ".toml" else CONFIG_DIR / f"{name_or_path}.toml"
+    return common.config_path(name_or_path, CONFIG_DIR)
 
 
 def main(argv: list[str] | None = None) -> None:

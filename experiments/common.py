@@ -15,7 +15,7 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -124,6 +124,9 @@ def optax_optimizer(
             optax.contrib.muon(
                 learning_rate=lr,
                 beta=optimizer.get("momentum", 0.95),
+                # optax has one eps, for NS's normalization and for Adam: Adam's, which
+                # decides more (the reference Muon normalizes with 1e-7).
+                eps=adam.get("eps", eps),
                 weight_decay=weight_decay,
                 nesterov=optimizer.get("nesterov", True),
                 adam_learning_rate=scaled(adam.get("learning_rate", base_lr)),
@@ -164,13 +167,25 @@ class UnsupportedOnTorch(ValueError):
     """The config's optimizer has no faithful PyTorch counterpart for this model."""
 
 
-def torch_optimizer(optimizer: dict[str, Any], model, *, max_dim: int = ars2_jax.DEFAULT_MAX_DIM):
+def torch_optimizer(
+    optimizer: dict[str, Any],
+    model,
+    *,
+    max_dim: int = ars2_jax.DEFAULT_MAX_DIM,
+    muon_names: Collection[str] | None = None,
+):
     """The ``torch.optim`` optimizer an ``[optimizer]`` table describes.
 
+    Args:
+      optimizer: the config's ``[optimizer]`` table.
+      model: the ``torch.nn.Module`` whose parameters it trains.
+      max_dim: ARS2-Neo only: tensors with a dimension above it go to the AdamW track.
+      muon_names: Muon only: the names (as in ``model.named_parameters()``) of the
+        parameters on Muon; the others go to Adam.
+
     Raises:
-      UnsupportedOnTorch: for ``muon``: ``torch.optim.Muon`` accepts only 2-D
-        tensors, and its momentum is not bias-corrected as optax's is, so no run of
-        it would be the same optimizer as the JAX path's.
+      UnsupportedOnTorch: for ``muon`` without ``muon_names``: the model's routing
+        between Muon and Adam is the experiment's to give.
     """
     import torch
 
@@ -186,10 +201,9 @@ def torch_optimizer(optimizer: dict[str, Any], model, *, max_dim: int = ars2_jax
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
         )
     if name == "muon":
-        raise UnsupportedOnTorch(
-            "torch.optim.Muon rejects the 3-D per-head weights and does not bias-correct its "
-            "momentum as optax.contrib.muon does: no torch run would match the JAX Muon run"
-        )
+        if muon_names is None:
+            raise UnsupportedOnTorch("muon needs the model's Muon parameters (muon_names)")
+        return reference_muon(optimizer, model, muon_names)
     if name == "ars2_neo":
         groups = ars2_param_groups(model, max_dim=max_dim)
         track = optimizer.get("adamw_track", {})
@@ -219,6 +233,50 @@ def torch_optimizer(optimizer: dict[str, Any], model, *, max_dim: int = ars2_jax
             adaptive_gamma=optimizer.get("adaptive_gamma", 2.0),
         )
     raise ValueError(f"optimizer name={name!r} must be 'adamw', 'muon' or 'ars2_neo'")
+
+
+def reference_muon(optimizer: dict[str, Any], model, muon_names: Collection[str]):
+    """The reference Muon (KellerJordan/Muon, ``muon-optimizer==0.1.0``) with the config's values.
+
+    ``SingleDeviceMuonWithAuxAdam`` takes its values per group and none as keyword
+    arguments, so they are written into the two groups here (the seed's script left
+    them out, which is why its run used the groups' defaults: SPEC §7). Its Muon is
+    always Nesterov; its ``step()`` takes no closure.
+    """
+    try:
+        from muon import SingleDeviceMuonWithAuxAdam
+    except ImportError as error:
+        raise ImportError(
+            "the PyTorch Muon baseline is the reference Muon: pip install "
+            "'muon-optimizer==0.1.0' (or the project's experiments extra; PyPI's 'muon' "
+            "is an unrelated package)"
+        ) from error
+    if not optimizer.get("nesterov", True):
+        raise ValueError("nesterov=False: the reference Muon is always Nesterov")
+    named = dict(model.named_parameters())
+    unknown = set(muon_names) - set(named)
+    if unknown:
+        raise ValueError(f"muon_names={sorted(unknown)} are not parameters of the model")
+    adam = optimizer.get("adam", {})
+    return SingleDeviceMuonWithAuxAdam(
+        [
+            {
+                "params": [p for n, p in named.items() if n in muon_names],
+                "use_muon": True,
+                "lr": optimizer["learning_rate"],
+                "momentum": optimizer.get("momentum", 0.95),
+                "weight_decay": optimizer.get("weight_decay", 0.0),
+            },
+            {
+                "params": [p for n, p in named.items() if n not in muon_names],
+                "use_muon": False,
+                "lr": adam.get("learning_rate", optimizer["learning_rate"]),
+                "betas": tuple(adam.get("betas", (0.9, 0.999))),
+                "eps": adam.get("eps", optimizer.get("eps", 1e-8)),
+                "weight_decay": adam.get("weight_decay", 0.0),
+            },
+        ]
+    )
 
 
 # --- resources --------------------------------------------------------------------------

@@ -522,7 +522,9 @@ def _train_torch(config, settings, data, model, params, recorder, previous) -> d
 
     batch_size = config["train"].get("batch_size", 512)
     net = from_flax_params(model.config, params)
-    optimizer = common.torch_optimizer(config["optimizer"], net)
+    is_muon = config["optimizer"]["name"] == "muon"
+    muon_names = [n for n, d in muon_dimension_numbers(params).items() if d is not None]
+    optimizer = common.torch_optimizer(config["optimizer"], net, muon_names=muon_names)
     train_x, train_y = torch.from_numpy(data.train_x).long(), torch.from_numpy(data.train_y).long()
     test_x, test_y = torch.from_numpy(data.test_x).long(), torch.from_numpy(data.test_y).long()
     order_key = jax.random.key(settings.seed + ORDER_KEY_OFFSET)
@@ -554,7 +556,11 @@ def _train_torch(config, settings, data, model, params, recorder, previous) -> d
                 return loss
 
             optimizer.zero_grad()
-            optimizer.step(closure)
+            if is_muon:  # the reference Muon's step() takes no closure
+                closure()
+                optimizer.step()
+            else:
+                optimizer.step(closure)
             loss_sum += first_pass[0][0] * len(y)
             correct += first_pass[0][1]
             count += len(y)

@@ -5,9 +5,11 @@
     python -m experiments.cifar10 --compare                          # sync, AdamW, Muon
     python -m experiments.cifar10 --config ars2_neo_sync --estimate  # parameters, FLOPs, time
 
-Data: ``tfds.data_source("cifar10")`` (TensorFlow Datasets' random-access
-ArrayRecord files; see :func:`load_cifar10` for what preparing them takes), read
-once into memory as uint8 arrays. ``--mock-data N`` wraps the same code in
+Data: the Hugging Face hub's copy, ``datasets.load_dataset("uoft-cs/cifar10")``
+(no TensorFlow needed), or local Parquet files in that format through the config's
+``[data]`` table; or, with ``--data-dir``, a TensorFlow Datasets copy the user has
+prepared (``tfds.data_source("cifar10")``). Either is read once into memory as uint8
+arrays. ``--mock-data N`` runs the TFDS path under
 ``tfds.testing.mock_data(num_examples=N)``: random images and labels, no files.
 
 Every training batch is augmented on the device, inside the jitted step
@@ -29,7 +31,6 @@ those of the base pass.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import pathlib
@@ -83,26 +84,80 @@ class Data:
     test_labels: np.ndarray
 
 
-def load_cifar10(data_dir: str | pathlib.Path | None = None) -> Data:
-    """Both splits of ``tfds.data_source("cifar10")``, in memory.
+HUB_CIFAR10 = "uoft-cs/cifar10"  # columns "img" (PNG images) and "label"
+NO_DATA_HINT = (
+    "Give local files in the hub's Parquet format in the config's [data] table "
+    '(path = "parquet", data_files = {train = "...", test = "..."}), a prepared TFDS copy '
+    "with --data-dir, or run without data: --config tiny --mock-data 64."
+)
 
-    The first call prepares the data set in ``data_dir`` (default
-    ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``): it downloads
-    ``cifar-10-binary.tar.gz`` (162 MiB) from the University of Toronto and writes
-    PNG-encoded ArrayRecord files. That step encodes with ``tf.image.encode_png``,
-    so it needs TensorFlow (``pip install tensorflow-cpu``, or run
-    ``tfds build cifar10 --file_format=array_record`` on a machine that has it and
-    copy the ``cifar10`` folder). Reading needs only ``array_record`` and Pillow
-    (or OpenCV), not TensorFlow.
+
+def load_cifar10(data: dict[str, Any] | None = None) -> Data:
+    """Both splits of CIFAR-10 through ``datasets.load_dataset``, in memory.
+
+    Args:
+      data: the config's ``[data]`` table: ``path`` (default ``"uoft-cs/cifar10"``,
+        the hub's copy, 132 MiB of Parquet; ``"parquet"`` for local files),
+        ``name``, ``data_files`` (``{train = "...", test = "..."}``), ``cache_dir``,
+        ``image_column`` (default ``"img"``) and ``label_column`` (``"label"``).
+
+    Raises:
+      experiments.common.DataUnavailable: offline with nothing cached, or missing files.
+    """
+    data = data or {}
+    loaded = common.load_hub_dataset(
+        data.get("path", HUB_CIFAR10),
+        data.get("name"),
+        data_files=data.get("data_files"),
+        cache_dir=data.get("cache_dir"),
+        hint=NO_DATA_HINT,
+    )
+    missing = {"train", "test"} - set(loaded)
+    if missing:
+        raise ValueError(f"data={data!r} gives no {sorted(missing)} split (has {sorted(loaded)})")
+    image, label = data.get("image_column", "img"), data.get("label_column", "label")
+    arrays = []
+    for split in ("train", "test"):
+        rows = loaded[split].with_format("numpy")
+        arrays.append(np.asarray(rows[image], np.uint8))
+        arrays.append(np.asarray(rows[label], np.int32))
+    if arrays[0].shape[1:] != (32, 32, 3):
+        raise ValueError(f"column {image!r} holds images of shape {arrays[0].shape[1:]}")
+    return Data(*arrays)
+
+
+def load_tfds_cifar10(data_dir: str | pathlib.Path | None = None, *, check: bool = True) -> Data:
+    """Both splits of a prepared ``tfds.data_source("cifar10")`` copy, in memory.
+
+    Preparing the copy (``tfds build cifar10 --file_format=array_record``) downloads
+    ``cifar-10-binary.tar.gz`` and encodes PNGs with TensorFlow, which this project
+    does not install; reading it needs only ``array_record`` and Pillow. So the copy
+    must exist in ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+
+    Args:
+      data_dir: the TFDS data directory holding ``cifar10/``.
+      check: raise :class:`~experiments.common.DataUnavailable` when the copy is not
+        prepared, instead of letting TFDS try (and fail) to build it. ``False`` under
+        ``tfds.testing.mock_data``, which needs no files.
     """
     import tensorflow_datasets as tfds
 
+    data_dir = None if data_dir is None else str(data_dir)
+    if check:
+        builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            raise common.DataUnavailable(
+                f"no prepared TFDS cifar10 in {builder.data_dir}: prepare it on a machine "
+                "with TensorFlow (tfds build cifar10 --file_format=array_record) and copy the "
+                "cifar10 folder there, or drop --data-dir to read the hub's copy through "
+                "datasets. " + NO_DATA_HINT
+            )
     arrays = []
     for split in ("train", "test"):
         source = tfds.data_source(
             "cifar10",
             split=split,
-            data_dir=None if data_dir is None else str(data_dir),
+            data_dir=data_dir,
             # data_source picks ArrayRecord itself only when data_dir is unset.
             builder_kwargs={"file_format": "array_record"},
         )
@@ -321,8 +376,15 @@ class RunSettings:
     epochs: int | None = None
     ns_dtype: str | None = None
     out_dir: str | pathlib.Path | None = None
-    data_dir: str | pathlib.Path | None = None  # TFDS data directory
+    data_dir: str | pathlib.Path | None = None  # a prepared TFDS copy instead of [data]
     quiet: bool = False
+
+
+def load_data(config: dict[str, Any], settings: RunSettings) -> Data:
+    """The TFDS copy in ``settings.data_dir`` if one is given, else the config's ``[data]``."""
+    if settings.data_dir is not None:
+        return load_tfds_cifar10(settings.data_dir)
+    return load_cifar10(config.get("data"))
 
 
 def resolved(config: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
@@ -339,7 +401,7 @@ def train_and_evaluate(
     """
     settings = settings or RunSettings()
     config = resolved(config, settings)
-    data = data or load_cifar10(settings.data_dir)
+    data = data or load_data(config, settings)
     train = config["train"]
     batch_size, epochs = train.get("batch_size", 256), train["epochs"]
     steps = len(data.train_labels) // batch_size
@@ -437,7 +499,7 @@ def compare(
     """Runs every config on the same data; writes ``comparison.md`` and ``curves.png``."""
     out = pathlib.Path(settings.out_dir or RESULTS / "compare")
     out.mkdir(parents=True, exist_ok=True)
-    data = data or load_cifar10(settings.data_dir)
+    data = data or load_data(configs[0], settings)
     results, rows = [], []
     for config in configs:
         result = train_and_evaluate(
@@ -521,7 +583,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initial weights, order, augmentation")
     parser.add_argument("--ns-dtype", choices=sorted(common.DTYPES), help="ARS2-Neo's NS dtype")
     parser.add_argument("--out", help="output directory (default: results/cifar10/...)")
-    parser.add_argument("--data-dir", help="TFDS data directory (default: $TFDS_DATA_DIR)")
+    parser.add_argument(
+        "--data-dir", help="read a prepared TFDS copy of cifar10 in this TFDS data directory"
+    )
     parser.add_argument(
         "--mock-data",
         type=int,
@@ -549,17 +613,21 @@ def main(argv: list[str] | None = None) -> None:
         data_dir=args.data_dir,
         quiet=args.quiet,
     )
-    mocked = mock_data(args.mock_data) if args.mock_data else contextlib.nullcontext()
-    with mocked:
-        data = load_cifar10(args.data_dir)
-    if args.config and args.compare is None:
-        config = common.load_config(_config_path(args.config))
-        out = args.out or RESULTS / config["name"]
-        train_and_evaluate(config, dataclasses.replace(settings, out_dir=out), data)
-        print(pathlib.Path(out, "summary.md").read_text())
-        return
-    names = args.compare or ([args.config] if args.config else list(DEFAULT_COMPARE))
-    _, text = compare([common.load_config(_config_path(n)) for n in names], settings, data)
+    try:
+        data = None
+        if args.mock_data:
+            with mock_data(args.mock_data):
+                data = load_tfds_cifar10(check=False)
+        if args.config and args.compare is None:
+            config = common.load_config(_config_path(args.config))
+            out = args.out or RESULTS / config["name"]
+            train_and_evaluate(config, dataclasses.replace(settings, out_dir=out), data)
+            print(pathlib.Path(out, "summary.md").read_text())
+            return
+        names = args.compare or ([args.config] if args.config else list(DEFAULT_COMPARE))
+        _, text = compare([common.load_config(_config_path(n)) for n in names], settings, data)
+    except common.DataUnavailable as error:
+        parser.exit(2, f"error: {error}\n")
     print(text)
 
 

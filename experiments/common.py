@@ -279,6 +279,53 @@ def reference_muon(optimizer: dict[str, Any], model, muon_names: Collection[str]
     )
 
 
+# --- data sets --------------------------------------------------------------------------
+
+
+class DataUnavailable(RuntimeError):
+    """A data set that is neither on disk nor reachable; the message says what to do.
+
+    The experiments' command lines print it and exit with status 2, without a traceback.
+    """
+
+
+def load_hub_dataset(
+    path: str,
+    name: str | None = None,
+    *,
+    data_files: Any = None,
+    cache_dir: str | pathlib.Path | None = None,
+    hint: str,
+):
+    """``datasets.load_dataset(path, name, ...)``, with one clear error when it cannot be had.
+
+    Offline (no network, or ``HF_HUB_OFFLINE=1``) with nothing cached, ``datasets``
+    raises ``ConnectionError`` after its retries; a missing local file raises
+    ``FileNotFoundError``. Both become :class:`DataUnavailable`, naming the data set,
+    where it was looked for, and ``hint``: how to give local files instead.
+    """
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            path,
+            name,
+            data_files=data_files,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except (ConnectionError, FileNotFoundError) as error:
+        if data_files is not None:
+            where = f"the files {data_files!r}"
+        else:
+            cache = cache_dir or datasets.config.HF_DATASETS_CACHE
+            where = f"the Hugging Face hub and the cache {cache} (HF_HOME / HF_DATASETS_CACHE)"
+        label = path if name is None else f"{path} ({name})"
+        raise DataUnavailable(
+            f"the data set {label} could not be loaded: looked in {where} "
+            f"({type(error).__name__}: {error}). {hint}"
+        ) from error
+
+
 # --- resources --------------------------------------------------------------------------
 
 

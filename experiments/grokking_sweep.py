@@ -25,7 +25,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
-import math
 import multiprocessing
 import pathlib
 import sys
@@ -322,10 +321,11 @@ def estimate(sweep: dict[str, Any], seconds_per_epoch: float) -> str:
     n_final = len(sweep["optimizer"]) * len(sweep["final_seeds"])
     longer = sweep.get("longer_epochs", 0)
     epochs = (n_grid + n_final) * sweep["epochs"] + len(sweep["optimizer"]) * longer
+    hours = epochs * seconds_per_epoch / 3600
     return (
         f"{n_grid} grid runs + {n_final} final runs (+ at most {len(sweep['optimizer'])} longer "
-        f"runs of {longer} epochs): at most {epochs} epochs, {epochs * seconds_per_epoch / 3600:.1f} "
-        f"h at {seconds_per_epoch} s per epoch on one worker (runs that reach 99% stop early)"
+        f"runs of {longer} epochs): at most {epochs} epochs, {hours:.1f} h "
+        f"at {seconds_per_epoch} s per epoch on one worker (runs that reach 99% stop early)"
     )
 
 

@@ -88,6 +88,13 @@ CURVES = (("train_loss", "train loss (nats/token)"), ("val_loss", "validation lo
 # --- data -------------------------------------------------------------------------------
 
 
+NO_DATA_HINT = (
+    'Give local files in the config\'s [data] table (path = "parquet" or "text", '
+    'data_files = {train = "...", validation = "..."}), or run without data: '
+    "--config tiny --offline-sample."
+)
+
+
 def load_splits(data: dict[str, Any]) -> dict[str, list[str]]:
     """The raw lines of the train and validation splits, through ``datasets.load_dataset``.
 
@@ -97,12 +104,15 @@ def load_splits(data: dict[str, Any]) -> dict[str, list[str]]:
         ``path`` is the default, else none), ``data_files`` (e.g. ``{train = "...",
         validation = "..."}`` with ``path = "parquet"``) and ``cache_dir``.
     """
-    import datasets
 
     path = data.get("path", "Salesforce/wikitext")
     name = data.get("name", "wikitext-2-raw-v1" if path == "Salesforce/wikitext" else None)
-    loaded = datasets.load_dataset(
-        path, name, data_files=data.get("data_files"), cache_dir=data.get("cache_dir")
+    loaded = common.load_hub_dataset(
+        path,
+        name,
+        data_files=data.get("data_files"),
+        cache_dir=data.get("cache_dir"),
+        hint=NO_DATA_HINT,
     )
     missing = {"train", "validation"} - set(loaded)
     if missing:
@@ -596,14 +606,17 @@ def main(argv: list[str] | None = None) -> None:
         data=data,
         quiet=args.quiet,
     )
-    if args.config and args.compare is None:
-        config = common.load_config(_config_path(args.config))
-        out = args.out or RESULTS / config["name"]
-        train_and_evaluate(config, dataclasses.replace(settings, out_dir=out))
-        print(pathlib.Path(out, "summary.md").read_text())
-        return
-    names = args.compare or ([args.config] if args.config else list(DEFAULT_COMPARE))
-    _, text = compare([common.load_config(_config_path(name)) for name in names], settings)
+    try:
+        if args.config and args.compare is None:
+            config = common.load_config(_config_path(args.config))
+            out = args.out or RESULTS / config["name"]
+            train_and_evaluate(config, dataclasses.replace(settings, out_dir=out))
+            print(pathlib.Path(out, "summary.md").read_text())
+            return
+        names = args.compare or ([args.config] if args.config else list(DEFAULT_COMPARE))
+        _, text = compare([common.load_config(_config_path(name)) for name in names], settings)
+    except common.DataUnavailable as error:
+        parser.exit(2, f"error: {error}\n")
     print(text)
 
 

@@ -1,13 +1,17 @@
 """The CIFAR-10 experiment: augmentation, the per-epoch cosine, SAM-safe BatchNorm, a mock run.
 
-Nothing is downloaded: ``tfds.testing.mock_data`` stands in for the prepared data
-set behind the same ``tfds.data_source`` call the real runs make.
+Nothing is downloaded: small Parquet files in the hub's format stand in for
+``uoft-cs/cifar10`` behind the same ``datasets.load_dataset`` call, and
+``tfds.testing.mock_data`` for a prepared TFDS copy.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,9 +189,67 @@ def test_sam_step_keeps_the_base_pass_batch_statistics():
     assert np.isfinite(float(metrics["loss"]))
 
 
+def _write_hub_parquet(directory, counts=(("train", 40), ("test", 16))):
+    # The hub copy's on-disk format: Parquet with an Image feature (PNG bytes) "img"
+    # and a ClassLabel "label", written by datasets itself.
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features(img=datasets.Image(), label=datasets.ClassLabel(num_classes=10))
+    files, arrays = {}, {}
+    for seed, (split, count) in enumerate(counts):
+        images = _images(count, seed)
+        labels = np.arange(count) % 10
+        rows = {"img": [Image.fromarray(image) for image in images], "label": labels.tolist()}
+        files[split] = str(directory / f"{split}.parquet")
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(files[split])
+        arrays[split] = (images, labels)
+    return {"path": "parquet", "data_files": files, "cache_dir": str(directory / "hf")}, arrays
+
+
+def test_local_parquet_in_the_hub_format_reaches_the_first_batch(tmp_path):
+    data_table, arrays = _write_hub_parquet(tmp_path)
+    data = cifar10.load_cifar10(data_table)
+    np.testing.assert_array_equal(data.train_images, arrays["train"][0])  # PNG: lossless
+    np.testing.assert_array_equal(data.train_labels, arrays["train"][1])
+    np.testing.assert_array_equal(data.test_images, arrays["test"][0])
+    assert data.train_labels.dtype == np.int32
+    config = common.load_config(CONFIGS / "tiny.toml")
+    config["data"] = data_table
+    result = cifar10.train_and_evaluate(config, cifar10.RunSettings(epochs=1, quiet=True))
+    (row,) = result["history"]
+    assert math.isfinite(row["train_loss"]) and 0 <= row["test_acc"] <= 1
+
+
+def test_missing_local_files_and_unprepared_tfds_copy_say_what_to_do(tmp_path):
+    missing = {"path": "parquet", "data_files": {"train": str(tmp_path / "no.parquet")}}
+    with pytest.raises(common.DataUnavailable, match=r"no\.parquet.*--mock-data"):
+        cifar10.load_cifar10(missing)
+    with pytest.raises(common.DataUnavailable, match="no prepared TFDS cifar10 in"):
+        cifar10.load_tfds_cifar10(tmp_path / "tfds")
+
+
+def test_offline_with_empty_caches_exits_with_one_clear_message(tmp_path):
+    # A fresh install with no network: no traceback, status 2, what to do instead.
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env["HF_DATASETS_OFFLINE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar10", "--config", "ars2_neo_sync"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cifar10.ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "uoft-cs/cifar10 could not be loaded" in done.stderr
+    assert "--mock-data" in done.stderr and str(tmp_path / "hf") in done.stderr
+
+
 def test_mock_data_loads_through_tfds_data_source():
     with cifar10.mock_data(num_examples=24):
-        data = cifar10.load_cifar10()
+        data = cifar10.load_tfds_cifar10(check=False)
     assert data.train_images.shape == data.test_images.shape == (24, 32, 32, 3)
     assert data.train_images.dtype == np.uint8 and data.train_labels.dtype == np.int32
     assert 0 <= data.train_labels.min() and data.train_labels.max() < 10

@@ -11,6 +11,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,26 @@ def test_local_files_load_as_written_and_the_tokenizer_is_cached(tmp_path):
     assert again.encode(text).ids == tokenizer.encode(text).ids
     _, other = wikitext2.cached_tokenizer(lines["train"], 290, tmp_path / "cache")
     assert other != path
+
+
+def test_offline_with_empty_caches_exits_with_one_clear_message(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env["HF_DATASETS_OFFLINE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.wikitext2", "--config", "adamw"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=wikitext2.ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Salesforce/wikitext (wikitext-2-raw-v1) could not be loaded" in done.stderr
+    assert "--offline-sample" in done.stderr and str(tmp_path / "hf") in done.stderr
+    missing = {"path": "parquet", "data_files": {"train": str(tmp_path / "no.parquet")}}
+    with pytest.raises(common.DataUnavailable, match=r"no\.parquet"):
+        wikitext2.load_splits(missing)
 
 
 def test_tiny_config_offline_from_the_command_line(tmp_path):

@@ -1,5 +1,6 @@
 """ARS2-Neo for PyTorch: the reference implementation of SPEC.md."""
 
+from ars2_torch.closure import SAMClosure, sam_closure
 from ars2_torch.newton_schulz import NS_COEFFS, NS_EPS, as_matrices, default_ns_dtype, newton_schulz
 from ars2_torch.optimizer import (
     TINY,
@@ -18,6 +19,7 @@ __all__ = [
     "NS_EPS",
     "TINY",
     "ARS2Neo",
+    "SAMClosure",
     "adamw_update",
     "ars2_param_groups",
     "ars2_update",
@@ -27,5 +29,6 @@ __all__ = [
     "is_ars2_tensor",
     "newton_schulz",
     "perturbation",
+    "sam_closure",
     "shear_force",
 ]

@@ -180,7 +180,10 @@ class ARS2Neo(torch.optim.Optimizer):
     calls it once at ``θ`` and, on sync steps, once more at ``θ + e`` after
     zeroing the gradients, then restores ``θ`` exactly from a copy. ``step``
     returns the loss at the unperturbed ``θ``; after a sync step ``p.grad`` holds
-    the adversarial gradient.
+    the adversarial gradient. A model with buffers or randomness (BatchNorm,
+    Dropout) wants ``opt.step(sam_closure(model, closure))``: the second pass then
+    calls the closure's ``adversarial()``, which replays the base pass's dropout
+    masks and keeps the base pass's running statistics (:func:`sam_closure`).
 
     Non-finite gradients: if the base gradient or the adversarial gradient of
     any parameter holds a NaN or an Inf, the step is skipped: parameters and all
@@ -467,9 +470,12 @@ class ARS2Neo(torch.optim.Optimizer):
             backups.append(param.detach().clone())
             param.add_(e)
         self.zero_grad(set_to_none=True)
+        # A closure from sam_closure() replays the base pass's random draws and
+        # keeps its buffers; a plain closure is simply called again.
+        adversarial_pass = getattr(closure, "adversarial", closure)
         try:
             with torch.enable_grad():
-                _check_loss(closure(), "adversarial")
+                _check_loss(adversarial_pass(), "adversarial")
         finally:
             for (param, _, _), backup in zip(entries, backups):
                 param.copy_(backup)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ars2_torch.newton_schulz import newton_schulz
+from ars2_torch.newton_schulz import _check_block_counts, _check_blocks, newton_schulz
 
 # Guards every norm and ratio against division by zero (SPEC: tiny).
 TINY = 1e-12
@@ -129,7 +129,14 @@ def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     v_hat = state["exp_avg_sq"] / (1 - beta2**step)
     u = m_hat / (v_hat.sqrt() + group["eps"])
     energy = torch.linalg.vector_norm(u)
-    direction = newton_schulz(u, group["ns_steps"], dtype=group["ns_dtype"])
+    # .get: groups loaded from a state dict saved before the block views existed.
+    direction = newton_schulz(
+        u,
+        group["ns_steps"],
+        dtype=group["ns_dtype"],
+        row_blocks=group.get("row_blocks", 1),
+        column_blocks=group.get("column_blocks", 1),
+    )
     param.mul_(1 - group["lr"] * group["weight_decay"])
     param.add_(energy * direction, alpha=-group["lr"])
 
@@ -169,10 +176,15 @@ class ARS2Neo(torch.optim.Optimizer):
     shear (``adaptive=True``, A-GSAM). The full rule is SPEC.md §1-§6.
 
     Param groups: give each group ``'ars2': True`` or ``False`` (see
-    :func:`ars2_param_groups`); a group without the key, or a plain iterable of
+    :func:`ars2_param_groups`, or :func:`model_param_groups` for a model built
+    from ``torch.nn`` modules); a group without the key, or a plain iterable of
     tensors, is routed tensor by tensor by the rule of SPEC §1. Groups may
     override ``lr``, ``betas``, ``eps``, ``weight_decay``, ``ns_steps`` and
-    ``ns_dtype``; the SAM settings are global.
+    ``ns_dtype``; the SAM settings are global. An ``ars2=True`` group of 2-D
+    weights may set ``row_blocks`` / ``column_blocks`` (default 1): each weight is
+    then orthogonalized as that many equal blocks (:func:`as_matrices`), as
+    :func:`model_param_groups` does for attention heads; ``E`` stays the norm of
+    the whole tensor.
 
     Calling: with SAM off, ``loss.backward(); opt.step()`` as usual, or
     ``opt.step(closure)``. With SAM on, ``opt.step(closure)`` where ``closure``
@@ -282,6 +294,8 @@ class ARS2Neo(torch.optim.Optimizer):
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
             ars2=None,
+            row_blocks=1,
+            column_blocks=1,
             **sam,
         )
         _validate_group(defaults, "defaults")
@@ -314,14 +328,28 @@ class ARS2Neo(torch.optim.Optimizer):
         # self.defaults only, so that no group seems to hold a setting of its own.
         for name in SAM_SETTINGS:
             group.pop(name, None)
-        _validate_group(group, f"param group {len(self.param_groups) - 1}")
+        where = f"param group {len(self.param_groups) - 1}"
+        _validate_group(group, where)
         if group["ars2"]:
             for param in group["params"]:
                 if param.ndim < 2:
                     raise ValueError(
-                        f"param group {len(self.param_groups) - 1} has ars2=True but holds a "
-                        f"tensor of shape {tuple(param.shape)}; the ARS2 track needs ndim >= 2"
+                        f"{where} has ars2=True but holds a tensor of shape "
+                        f"{tuple(param.shape)}; the ARS2 track needs ndim >= 2"
                     )
+        blocks = group["row_blocks"], group["column_blocks"]
+        _check_block_counts(*blocks)
+        if blocks != (1, 1):
+            if group["ars2"] is not True:
+                raise ValueError(
+                    f"{where} sets row_blocks={blocks[0]}, column_blocks={blocks[1]}: "
+                    f"block views are for ars2=True groups, got ars2={group['ars2']!r}"
+                )
+            for param in group["params"]:
+                try:
+                    _check_blocks(tuple(param.shape), *blocks)
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from None
 
     @property
     def sam(self) -> dict[str, Any]:

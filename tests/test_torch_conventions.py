@@ -20,6 +20,13 @@ MODES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_global_random_state():
+    # These tests seed torch; the tests that run after them draw unseeded data.
+    with torch.random.fork_rng():
+        yield
+
+
 def _mlp(device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(

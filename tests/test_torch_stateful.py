@@ -11,6 +11,13 @@ from torch import nn
 from ars2_torch import ARS2Neo, SAMClosure, ars2_param_groups, sam_closure
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_global_random_state():
+    # These tests seed torch; the tests that run after them draw unseeded data.
+    with torch.random.fork_rng():
+        yield
+
+
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import io
 
 import pytest
 import torch
@@ -233,3 +235,165 @@ def test_transformer_lm_trains_with_a_scheduler_hooks_and_a_deepcopy_midway(name
         assert torch.equal(original, twin)
     assert len(steps_seen) == 20
     assert opt.param_groups[0]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("name", ["ars2_sync", "ars2_adaptive"])
+def test_transformer_lm_checkpoint_round_trip_continues_bitwise(name):
+    sam = {
+        "ars2_sync": {"rho": 0.05, "k": 1},
+        "ars2_adaptive": {"rho": 0.05, "k": 4, "adaptive": True},
+    }
+
+    def build():
+        model = LanguageModel()
+        opt = ARS2Neo(model_param_groups(model), lr=1e-2, **sam[name])
+        return (
+            model,
+            opt,
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4)),
+        )
+
+    torch.manual_seed(0)
+    model, opt, scheduler = build()
+    _run(model, opt, scheduler, 10, True)
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buffer,
+    )
+    expected = _run(model, opt, scheduler, 10, True)
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed, resumed_opt, resumed_scheduler = build()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    resumed_scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    assert _run(resumed, resumed_opt, resumed_scheduler, 10, True) == expected
+    for original, twin in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(original, twin)
+    assert resumed_opt.diagnostics == opt.diagnostics
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block, from torch.nn modules."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or inputs != outputs:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def resnet18(width: int = 64, classes: int = 10) -> nn.Module:
+    """ResNet-18 as torchvision lays it out (7×7 stem, max pool, four stages of two blocks)."""
+    stages, inputs = [], width
+    for index, outputs in enumerate([width, 2 * width, 4 * width, 8 * width]):
+        stride = 1 if index == 0 else 2
+        stages.append(
+            nn.Sequential(BasicBlock(inputs, outputs, stride), BasicBlock(outputs, outputs, 1))
+        )
+        inputs = outputs
+    return nn.Sequential(
+        collections.OrderedDict(
+            conv1=nn.Conv2d(3, width, 7, 2, 3, bias=False),
+            bn1=nn.BatchNorm2d(width),
+            relu=nn.ReLU(),
+            maxpool=nn.MaxPool2d(3, 2, 1),
+            layer1=stages[0],
+            layer2=stages[1],
+            layer3=stages[2],
+            layer4=stages[3],
+            avgpool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(8 * width, classes),
+        )
+    )
+
+
+def _resnet_table(width: int, classes: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    # Convolutions are (out, in·kh·kw) matrices (SPEC §2), batch norms on AdamW.
+    table = {"conv1.weight": ("ars2", (1, width, 3 * 7 * 7))}
+    table.update({"bn1.weight": ("adamw", ()), "bn1.bias": ("adamw", ())})
+    inputs = width
+    for stage, outputs in enumerate([width, 2 * width, 4 * width, 8 * width], start=1):
+        for block in range(2):
+            prefix = f"layer{stage}.{block}"
+            block_inputs = inputs if block == 0 else outputs
+            table[f"{prefix}.conv1.weight"] = ("ars2", (1, outputs, block_inputs * 9))
+            table[f"{prefix}.conv2.weight"] = ("ars2", (1, outputs, outputs * 9))
+            for norm in ("bn1", "bn2"):
+                table[f"{prefix}.{norm}.weight"] = ("adamw", ())
+                table[f"{prefix}.{norm}.bias"] = ("adamw", ())
+            if block == 0 and stage > 1:
+                table[f"{prefix}.downsample.0.weight"] = ("ars2", (1, outputs, inputs))
+                table[f"{prefix}.downsample.1.weight"] = ("adamw", ())
+                table[f"{prefix}.downsample.1.bias"] = ("adamw", ())
+        inputs = outputs
+    table["fc.weight"] = ("ars2", (1, classes, 8 * width))
+    table["fc.bias"] = ("adamw", ())
+    return table
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_resnet18_views_follow_the_table(width):
+    model = resnet18(width)
+    assert _views(model_param_groups(model)) == _resnet_table(width, 10)
+
+
+@pytest.mark.parametrize("name", ["adamw", "ars2_base", "ars2_sync"])
+def test_small_resnet18_with_batch_norm_trains(name):
+    torch.manual_seed(0)
+    model = resnet18(16)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.arange(16) % 10
+    if name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    else:
+        sam = {"rho": 0.05, "k": 1} if name == "ars2_sync" else {}
+        opt = ARS2Neo(model_param_groups(model), lr=1e-2, **sam)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        losses.append(opt.step(sam_closure(model, closure)).item())
+    assert losses[-1] <= 0.5 * losses[0], losses
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert int(model.bn1.num_batches_tracked) == 20  # one count per step, SAM or not
+
+
+def test_full_width_resnet18_takes_base_steps():
+    torch.manual_seed(0)
+    model = resnet18(64)
+    opt = ARS2Neo(model_param_groups(model), lr=1e-3)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    before = model.fc.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.fc.weight, before) and opt.sam_state["step"] == 2

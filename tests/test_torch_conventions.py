@@ -189,3 +189,34 @@ def test_every_constructor_argument_is_in_defaults_and_sam_settings_stay_out_of_
     assert opt.param_groups[1]["betas"] == (0.8, 0.9)
     with pytest.raises(ValueError, match="SAM settings are global"):
         opt.add_param_group({"params": [model[2].bias], "rho": 0.2})
+
+
+@pytest.mark.parametrize(("mode", "graphs"), [("sync", 7), ("delayed", 9), ("adaptive", 15)])
+def test_compiled_step_with_a_closure_compiles_a_pinned_number_of_graphs(mode, graphs):
+    # Pinned for torch 2.13 (pyproject's pin), over 8 steps: the closure's
+    # backward, the adversarial pass and the adaptive decision's read-backs break
+    # the graph; the count must not grow with the number of steps. (Base mode:
+    # the test above.)
+    torch._dynamo.reset()
+    model = _mlp()
+    opt = ARS2Neo(ars2_param_groups(model), lr=1e-2, **MODES[mode])
+    x, y = _batch()
+    counter = CompileCounter()
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    @torch.compile(backend=counter)
+    def train_step():
+        opt.zero_grad()
+        return opt.step(closure)
+
+    for _ in range(8):
+        train_step()
+    after_eight = counter.frame_count
+    for _ in range(4):
+        train_step()
+    torch._dynamo.reset()
+    assert (after_eight, counter.frame_count) == (graphs, graphs)

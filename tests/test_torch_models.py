@@ -112,6 +112,29 @@ def test_attention_with_separate_projections_and_kv_biases():
     }
 
 
+def test_every_attention_of_a_full_transformer_is_viewed_per_head():
+    model = nn.Transformer(WIDTH, HEADS, 1, 1, FEEDFORWARD, batch_first=True)
+    views = _views(model_param_groups(model))
+    attention = [name for name in views if name.endswith("in_proj_weight")]
+    assert sorted(attention) == [
+        "decoder.layers.0.multihead_attn.in_proj_weight",
+        "decoder.layers.0.self_attn.in_proj_weight",
+        "encoder.layers.0.self_attn.in_proj_weight",
+    ]
+    head_dim = WIDTH // HEADS
+    for name in attention:
+        assert views[name] == ("ars2", (3 * HEADS, head_dim, WIDTH))
+        out = name.replace("in_proj_weight", "out_proj.weight")
+        assert views[out] == ("ars2", (HEADS, WIDTH, head_dim))
+
+
+def test_a_tied_embedding_stays_on_adamw_once():
+    model = nn.Sequential(nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, VOCAB, bias=False))
+    model[1].weight = model[0].weight
+    groups = model_param_groups(model)
+    assert [(g["ars2"], [n for n, _ in g["params"]]) for g in groups] == [(False, ["0.weight"])]
+
+
 def test_conv_and_large_embeddings_and_unknown_layouts():
     class Custom(nn.Module):
         def __init__(self):

@@ -1,5 +1,7 @@
 """ARS2-Neo for PyTorch: the reference implementation of SPEC.md."""
 
+from ars2_torch.closure import SAMClosure, sam_closure
+from ars2_torch.model_groups import model_param_groups
 from ars2_torch.newton_schulz import NS_COEFFS, NS_EPS, as_matrices, default_ns_dtype, newton_schulz
 from ars2_torch.optimizer import (
     TINY,
@@ -18,6 +20,7 @@ __all__ = [
     "NS_EPS",
     "TINY",
     "ARS2Neo",
+    "SAMClosure",
     "adamw_update",
     "ars2_param_groups",
     "ars2_update",
@@ -25,7 +28,9 @@ __all__ = [
     "default_ns_dtype",
     "inject_shear",
     "is_ars2_tensor",
+    "model_param_groups",
     "newton_schulz",
     "perturbation",
+    "sam_closure",
     "shear_force",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ars2_torch.newton_schulz import newton_schulz
+from ars2_torch.newton_schulz import _check_block_counts, _check_blocks, newton_schulz
 
 # Guards every norm and ratio against division by zero (SPEC: tiny).
 TINY = 1e-12
@@ -127,7 +129,14 @@ def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     v_hat = state["exp_avg_sq"] / (1 - beta2**step)
     u = m_hat / (v_hat.sqrt() + group["eps"])
     energy = torch.linalg.vector_norm(u)
-    direction = newton_schulz(u, group["ns_steps"], dtype=group["ns_dtype"])
+    # .get: groups loaded from a state dict saved before the block views existed.
+    direction = newton_schulz(
+        u,
+        group["ns_steps"],
+        dtype=group["ns_dtype"],
+        row_blocks=group.get("row_blocks", 1),
+        column_blocks=group.get("column_blocks", 1),
+    )
     param.mul_(1 - group["lr"] * group["weight_decay"])
     param.add_(energy * direction, alpha=-group["lr"])
 
@@ -167,10 +176,15 @@ class ARS2Neo(torch.optim.Optimizer):
     shear (``adaptive=True``, A-GSAM). The full rule is SPEC.md §1-§6.
 
     Param groups: give each group ``'ars2': True`` or ``False`` (see
-    :func:`ars2_param_groups`); a group without the key, or a plain iterable of
+    :func:`ars2_param_groups`, or :func:`model_param_groups` for a model built
+    from ``torch.nn`` modules); a group without the key, or a plain iterable of
     tensors, is routed tensor by tensor by the rule of SPEC §1. Groups may
     override ``lr``, ``betas``, ``eps``, ``weight_decay``, ``ns_steps`` and
-    ``ns_dtype``; the SAM settings are global.
+    ``ns_dtype``; the SAM settings are global. An ``ars2=True`` group of 2-D
+    weights may set ``row_blocks`` / ``column_blocks`` (default 1): each weight is
+    then orthogonalized as that many equal blocks (:func:`as_matrices`), as
+    :func:`model_param_groups` does for attention heads; ``E`` stays the norm of
+    the whole tensor.
 
     Calling: with SAM off, ``loss.backward(); opt.step()`` as usual, or
     ``opt.step(closure)``. With SAM on, ``opt.step(closure)`` where ``closure``
@@ -178,7 +192,10 @@ class ARS2Neo(torch.optim.Optimizer):
     calls it once at ``θ`` and, on sync steps, once more at ``θ + e`` after
     zeroing the gradients, then restores ``θ`` exactly from a copy. ``step``
     returns the loss at the unperturbed ``θ``; after a sync step ``p.grad`` holds
-    the adversarial gradient.
+    the adversarial gradient. A model with buffers or randomness (BatchNorm,
+    Dropout) wants ``opt.step(sam_closure(model, closure))``: the second pass then
+    calls the closure's ``adversarial()``, which replays the base pass's dropout
+    masks and keeps the base pass's running statistics (:func:`sam_closure`).
 
     Non-finite gradients: if the base gradient or the adversarial gradient of
     any parameter holds a NaN or an Inf, the step is skipped: parameters and all
@@ -197,6 +214,19 @@ class ARS2Neo(torch.optim.Optimizer):
     params, or float32 params. With SAM off the closure's return value is passed
     through unchecked, as ``torch.optim`` does; with SAM on it must be the scalar
     loss on both passes (``ValueError`` otherwise).
+
+    ``torch.optim`` conventions (tested in ``tests/test_torch_conventions.py``):
+    every constructor argument is in ``opt.defaults``; the SAM settings live
+    there only, never in ``param_groups`` (they are global, and a group that sets
+    one is refused), and :attr:`sam` reads them. ``copy.deepcopy`` and pickle
+    keep them and the SAM step state (:attr:`sam_state`). :meth:`state_dict` adds
+    an ``'ars2'`` entry before the state-dict post hooks run; load pre hooks see
+    it and load post hooks see the restored SAM state. Parameters on the
+    ``meta`` device step in the base, sync and delayed modes (the adaptive
+    decision reads values, which meta tensors lack). Under ``torch.compile`` the
+    finiteness check reads one flag per device, which adds no graph to a
+    compiled base step; the Python step counters cost one recompilation when
+    they turn dynamic on step 2.
 
     Args:
       params: tensors or param groups.
@@ -247,7 +277,7 @@ class ARS2Neo(torch.optim.Optimizer):
         adaptive_lambda: float = 2.0,
         adaptive_gamma: float = 2.0,
     ):
-        self.sam = _validate_sam(
+        sam = _validate_sam(
             rho=rho,
             k=k,
             alpha=alpha,
@@ -264,6 +294,9 @@ class ARS2Neo(torch.optim.Optimizer):
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
             ars2=None,
+            row_blocks=1,
+            column_blocks=1,
+            **sam,
         )
         _validate_group(defaults, "defaults")
         super().__init__(params, defaults)
@@ -278,6 +311,11 @@ class ARS2Neo(torch.optim.Optimizer):
             "skipped_steps": 0,
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps defaults, state and param_groups; the SAM step state
+        # must travel with them through copy.deepcopy and pickle.
+        return {**super().__getstate__(), "sam_state": self.sam_state}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         overridden = sorted(set(param_group) & set(SAM_SETTINGS))
         if overridden:
@@ -286,14 +324,37 @@ class ARS2Neo(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group(group, f"param group {len(self.param_groups) - 1}")
+        # torch fills every defaults key into the group; the SAM settings live in
+        # self.defaults only, so that no group seems to hold a setting of its own.
+        for name in SAM_SETTINGS:
+            group.pop(name, None)
+        where = f"param group {len(self.param_groups) - 1}"
+        _validate_group(group, where)
         if group["ars2"]:
             for param in group["params"]:
                 if param.ndim < 2:
                     raise ValueError(
-                        f"param group {len(self.param_groups) - 1} has ars2=True but holds a "
-                        f"tensor of shape {tuple(param.shape)}; the ARS2 track needs ndim >= 2"
+                        f"{where} has ars2=True but holds a tensor of shape "
+                        f"{tuple(param.shape)}; the ARS2 track needs ndim >= 2"
                     )
+        blocks = group["row_blocks"], group["column_blocks"]
+        _check_block_counts(*blocks)
+        if blocks != (1, 1):
+            if group["ars2"] is not True:
+                raise ValueError(
+                    f"{where} sets row_blocks={blocks[0]}, column_blocks={blocks[1]}: "
+                    f"block views are for ars2=True groups, got ars2={group['ars2']!r}"
+                )
+            for param in group["params"]:
+                try:
+                    _check_blocks(tuple(param.shape), *blocks)
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from None
+
+    @property
+    def sam(self) -> dict[str, Any]:
+        """The SAM settings (SPEC §5), read from ``defaults``: one value for every group."""
+        return {name: self.defaults[name] for name in SAM_SETTINGS}
 
     @property
     def sam_enabled(self) -> bool:
@@ -315,15 +376,45 @@ class ARS2Neo(torch.optim.Optimizer):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        state_dict = super().state_dict()
+        """torch's state dict plus an ``'ars2'`` entry: the SAM settings and step state.
+
+        State-dict post hooks run after the ``'ars2'`` entry is in, so they see the
+        whole dict.
+        """
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            state_dict = super().state_dict()
         state_dict["ars2"] = {"sam_state": dict(self.sam_state), "sam": dict(self.sam)}
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a dict from :meth:`state_dict`, refusing other SAM settings or shapes.
+
+        Load pre hooks see the whole dict, ``'ars2'`` entry included; load post
+        hooks see the optimizer with its SAM step state restored.
+        """
         state_dict = dict(state_dict)
-        saved = state_dict.pop("ars2", None)
-        if saved is None:
-            raise ValueError("state_dict has no 'ars2' entry: it was not saved by ARS2Neo")
+        with (
+            _hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks,
+            _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks,
+        ):
+            for hook in pre_hooks.values():
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = dict(result)
+            saved = state_dict.pop("ars2", None)
+            if saved is None:
+                raise ValueError("state_dict has no 'ars2' entry: it was not saved by ARS2Neo")
+            self._check_fits(state_dict, saved)
+            super().load_state_dict(state_dict)
+            self.sam_state = dict(saved["sam_state"])
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _check_fits(self, state_dict: dict[str, Any], saved: dict[str, Any]) -> None:
         differ = {
             name: (saved["sam"].get(name), value)
             for name, value in self.sam.items()
@@ -349,8 +440,6 @@ class ARS2Neo(torch.optim.Optimizer):
                                 f"{position}: its {name!r} has shape {tuple(value.shape)}, the "
                                 f"parameter {tuple(param.shape)}"
                             )
-        super().load_state_dict(state_dict)
-        self.sam_state = dict(saved["sam_state"])
 
     def _track_is_ars2(self, group: dict, param: torch.Tensor) -> bool:
         return is_ars2_tensor(param) if group["ars2"] is None else group["ars2"]
@@ -409,9 +498,12 @@ class ARS2Neo(torch.optim.Optimizer):
             backups.append(param.detach().clone())
             param.add_(e)
         self.zero_grad(set_to_none=True)
+        # A closure from sam_closure() replays the base pass's random draws and
+        # keeps its buffers; a plain closure is simply called again.
+        adversarial_pass = getattr(closure, "adversarial", closure)
         try:
             with torch.enable_grad():
-                _check_loss(closure(), "adversarial")
+                _check_loss(adversarial_pass(), "adversarial")
         finally:
             for (param, _, _), backup in zip(entries, backups):
                 param.copy_(backup)
@@ -443,7 +535,7 @@ class ARS2Neo(torch.optim.Optimizer):
                 "the closure left every parameter without a gradient: with SAM on it must "
                 "run forward and call loss.backward()"
             )
-        if not all(torch.isfinite(grad).all() for _, _, grad in entries):
+        if not _all_finite([grad for _, _, grad in entries]):
             self.sam_state["skipped_steps"] += 1
             return loss
 
@@ -454,7 +546,7 @@ class ARS2Neo(torch.optim.Optimizer):
         new_shear = {}
         if sync:
             grads = self._adversarial_grads(entries, closure, t)
-            if not all(torch.isfinite(grad).all() for grad in grads):
+            if not _all_finite(grads):
                 self.sam_state["skipped_steps"] += 1
                 return loss
             if keeps_shear:
@@ -483,6 +575,35 @@ class ARS2Neo(torch.optim.Optimizer):
             self.sam_state["last_sync"] = t
             self.sam_state["sync_count"] += 1
         return loss
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is free of NaN and Inf, read back once per device.
+
+    Tensors on the ``meta`` device hold no values, so they count as finite: a
+    model built on ``meta`` steps as it does under ``torch.optim.AdamW``.
+    """
+    flags_by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.device.type != "meta":
+            flags_by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    return all(bool(torch.stack(flags).all()) for flags in flags_by_device.values())
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: torch.optim.Optimizer, attribute: str):
+    """Takes the hooks in ``optimizer.<attribute>`` out while torch's method runs.
+
+    torch runs state-dict hooks inside ``state_dict``/``load_state_dict``, before
+    ARS2Neo has added (or after it has taken out) its ``'ars2'`` entry; holding them
+    lets ARS2Neo run them itself on the whole dict.
+    """
+    hooks = getattr(optimizer, attribute)
+    setattr(optimizer, attribute, collections.OrderedDict())
+    try:
+        yield hooks
+    finally:
+        setattr(optimizer, attribute, hooks)
 
 
 def _is_real(value: Any) -> bool:

@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import common, grokking
+from experiments import common, grokking, grokking_compare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "grokking" / "tiny.toml"
@@ -40,7 +40,7 @@ def test_data_split_and_epoch_order():
 def test_tiny_config_in_both_frameworks(tmp_path):
     config = common.load_config(TINY)
     settings = grokking.RunSettings(epochs=3, quiet=True, out_dir=tmp_path, ns_dtype="float32")
-    results, text = grokking.compare([config], ["jax", "torch"], settings)
+    results, text = grokking_compare.compare([config], ["jax", "torch"], settings)
     rows = _table((tmp_path / "comparison.md").read_text())
     assert [row[:2] for row in rows] == [["tiny", "jax"], ["tiny", "torch"]]
     assert text == (tmp_path / "comparison.md").read_text()
@@ -71,7 +71,7 @@ def test_muon_runs_in_both_frameworks(tmp_path):
         common.load_config(TINY)["model"],
     )
     settings = grokking.RunSettings(epochs=4, quiet=True, out_dir=tmp_path, early_stop=False)
-    results, text = grokking.compare([config], ["jax", "torch"], settings)
+    results, text = grokking_compare.compare([config], ["jax", "torch"], settings)
     assert [row[:2] for row in _table(text)] == [["muon", "jax"], ["muon", "torch"]]
     for result in results:
         losses = [row["train_loss"] for row in result["history"]]

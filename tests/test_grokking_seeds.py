@@ -7,7 +7,7 @@ import pathlib
 import jax
 import pytest
 
-from experiments import common, grokking
+from experiments import common, grokking, grokking_compare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "grokking" / "tiny.toml"
@@ -31,8 +31,10 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path):
             epochs=4, quiet=True, out_dir=tmp_path / name, ns_dtype="float32"
         )
 
-    together = grokking.train_seeds(config, seeds, settings("vmap"), seed_mode="vmap")
-    apart = grokking.train_seeds(config, seeds, settings("sequential"), seed_mode="sequential")
+    together = grokking_compare.train_seeds(config, seeds, settings("vmap"), seed_mode="vmap")
+    apart = grokking_compare.train_seeds(
+        config, seeds, settings("sequential"), seed_mode="sequential"
+    )
     assert together["mode"] == "vmap" and apart["mode"] == "sequential"
     for seed, joint, alone in zip(seeds, together["runs"], apart["runs"]):
         assert len(joint["history"]) == len(alone["history"]) == 4
@@ -72,7 +74,7 @@ def test_milestone_tests_are_reported_between_ours_and_baselines():
         {"name": "agsam", "optimizer": {"name": "ars2_neo"}},
         {"name": "adamw", "optimizer": {"name": "adamw"}},
     ]
-    text = grokking._milestone_tests(
+    text = grokking_compare._milestone_tests(
         [fake("agsam", [50, 60, 70, 80]), fake("adamw", [None, None, None, 90])], configs
     )
     assert "agsam vs adamw" in text and "medians 65 vs 101 (agsam earlier)" in text
@@ -83,12 +85,14 @@ def test_auto_seed_mode():
     config = common.load_config(TINY)
     base = {**config, "optimizer": {**config["optimizer"], "rho": 0.0, "k": 0, "adaptive": False}}
     for backend in ("gpu", "tpu"):
-        assert grokking.choose_seed_mode(config, "auto", backend) == "sequential"  # a lax.cond
-        assert grokking.choose_seed_mode(base, "auto", backend) == "vmap"
+        assert (
+            grokking_compare.choose_seed_mode(config, "auto", backend) == "sequential"
+        )  # a lax.cond
+        assert grokking_compare.choose_seed_mode(base, "auto", backend) == "vmap"
     for which in (config, base):  # measured: vmap is no faster on CPUs
-        assert grokking.choose_seed_mode(which, "auto", "cpu") == "sequential"
+        assert grokking_compare.choose_seed_mode(which, "auto", "cpu") == "sequential"
     here = "sequential" if jax.default_backend() == "cpu" else "vmap"
-    assert grokking.choose_seed_mode(base, "auto") == here
-    assert grokking.choose_seed_mode(base, "vmap", "cpu") == "vmap"
+    assert grokking_compare.choose_seed_mode(base, "auto") == here
+    assert grokking_compare.choose_seed_mode(base, "vmap", "cpu") == "vmap"
     with pytest.raises(ValueError, match="seed_mode"):
-        grokking.choose_seed_mode(config, "parallel")
+        grokking_compare.choose_seed_mode(config, "parallel")

@@ -337,7 +337,7 @@ def test_grokking_on_two_processes_and_on_three_devices_equals_one(tmp_path):
 
 def test_vmapped_seeds_split_over_three_devices_equal_one_device(tmp_path):
     """`--seeds 0-2 --seed-mode vmap --devices 3`: each device trains one seed."""
-    from experiments import common, grokking
+    from experiments import common, grokking, grokking_compare
 
     command = [sys.executable, "-m", "experiments.grokking", "--config", "tiny", "--seeds", "0-2"]
     command += ["--seed-mode", "vmap", "--devices", "3", "--epochs", "2", "--no-early-stop"]
@@ -358,7 +358,7 @@ def test_vmapped_seeds_split_over_three_devices_equal_one_device(tmp_path):
         out_dir=tmp_path / "one" / "tiny",
     )
     config = common.load_config(ROOT / "configs" / "grokking" / "tiny.toml")
-    grokking.train_seeds(config, [0, 1, 2], settings, seed_mode="vmap")
+    grokking_compare.train_seeds(config, [0, 1, 2], settings, seed_mode="vmap")
     for seed in range(3):
         rows = {
             name: [
@@ -375,12 +375,12 @@ def test_vmapped_seeds_split_over_three_devices_equal_one_device(tmp_path):
 
 
 def test_seeds_must_split_evenly_over_devices(tmp_path):
-    from experiments import common, grokking
+    from experiments import common, grokking, grokking_compare
 
     config = common.load_config(ROOT / "configs" / "grokking" / "tiny.toml")
     settings = grokking.RunSettings(epochs=1, quiet=True, out_dir=tmp_path, devices=2)
     with pytest.raises(ValueError, match="3 seeds do not split over 2 devices"):
-        grokking.train_seeds(config, [0, 1, 2], settings, seed_mode="vmap")
+        grokking_compare.train_seeds(config, [0, 1, 2], settings, seed_mode="vmap")
 
 
 # --- arguments ------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 * ``flax.nnx.Optimizer.update(model, grads, grad_fn=...)`` forwards ``grad_fn`` to
   the optimizer, which calls it with the pure parameter arrays; :func:`nnx_grad_fn`
   builds that function from a model and a loss.
+* :func:`nnx_matrix_views` and :func:`linen_matrix_views` read each kernel's
+  matrix view and track from the module that owns it (SPEC §2).
 * ``flax.training.train_state.TrainState.apply_gradients`` forwards nothing;
   :class:`TrainState` is the same class with ``apply_gradients(grads=...,
   grad_fn=...)``.
@@ -17,6 +19,10 @@ import jax
 import optax
 from flax import nnx
 from flax.training import train_state
+
+from ars2_jax._model_views import linen_matrix_views, nnx_matrix_views
+
+__all__ = ["TrainState", "linen_matrix_views", "nnx_grad_fn", "nnx_matrix_views"]
 
 
 def nnx_grad_fn(

@@ -5,6 +5,8 @@
   builds that function from a model and a loss.
 * :func:`nnx_matrix_views` and :func:`linen_matrix_views` read each kernel's
   matrix view and track from the module that owns it (SPEC §2).
+* :func:`accumulated_grad_fn` accumulates gradients over micro-batches inside
+  ``grad_fn``, which ``optax.MultiSteps`` cannot do for SAM.
 * ``flax.training.train_state.TrainState.apply_gradients`` forwards nothing;
   :class:`TrainState` is the same class with ``apply_gradients(grads=...,
   grad_fn=...)``.
@@ -16,13 +18,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax.training import train_state
 
 from ars2_jax._model_views import linen_matrix_views, nnx_matrix_views
 
-__all__ = ["TrainState", "linen_matrix_views", "nnx_grad_fn", "nnx_matrix_views"]
+__all__ = [
+    "TrainState",
+    "accumulated_grad_fn",
+    "linen_matrix_views",
+    "nnx_grad_fn",
+    "nnx_matrix_views",
+]
 
 
 def nnx_grad_fn(
@@ -92,6 +101,64 @@ def nnx_grad_fn(
         return loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
 
     return jax.grad(loss_of)
+
+
+def accumulated_grad_fn(
+    grad_fn: Callable[[Any, Any], Any], micro_batches: Any
+) -> Callable[[Any], Any]:
+    """``params -> grads``: the mean of ``grad_fn(params, micro_batch)`` over the micro-batches.
+
+    Gradient accumulation for ARS2-Neo: use the returned function for the base
+    gradient and as ``grad_fn``, so that one step sees the large batch's
+    gradient at ``θ`` and, on sync steps, at ``θ + e``. With a mean loss and
+    micro-batches of one size this is the large-batch step (up to rounding), for
+    every SAM mode. The micro-batches run one after another under
+    :func:`jax.lax.scan`, so memory is that of one micro-batch.
+
+    ``optax.MultiSteps`` does not do this: it calls the optimizer on every
+    micro-step, so Newton-Schulz runs on every micro-step (its results discarded
+    but the last), and on the emitting micro-step ``grad_fn`` sees only that
+    micro-batch: the adversarial gradient is the last micro-batch's, not the
+    accumulated batch's.
+
+    Args:
+      grad_fn: ``grad_fn(params, micro_batch) -> grads``, e.g. ``jax.grad(loss)``.
+      micro_batches: a tree whose leaves have a leading micro-batch axis.
+
+    Returns:
+      ``grad_fn(params) -> grads``, shaped like the params.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import ars2_jax
+      >>> from ars2_jax.training import accumulated_grad_fn
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> loss = lambda p, batch: jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2)
+      >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.zeros((8, 2))}
+      >>> micro_batches = jax.tree.map(lambda a: a.reshape(4, 2, *a.shape[1:]), batch)
+      >>> grad_fn = accumulated_grad_fn(jax.grad(loss), micro_batches)
+      >>> tx = ars2_jax.ars2_neo(1e-2, rho=0.05, k=1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+      >>> bool(jnp.allclose(grad_fn(params)["w"], jax.grad(loss)(params, batch)["w"]))
+      True
+    """
+    count = jax.tree.leaves(micro_batches)[0].shape[0]
+
+    def accumulated(params):
+        def add(total, micro_batch):
+            grads = grad_fn(params, micro_batch)
+            return jax.tree.map(lambda t, g: t + g.astype(t.dtype), total, grads), None
+
+        # Sums accumulate in at least float32, whatever the params' dtype.
+        zeros = jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32)),
+            params,
+        )
+        total, _ = jax.lax.scan(add, zeros, micro_batches)
+        return jax.tree.map(lambda t, p: (t / count).astype(jnp.result_type(p)), total, params)
+
+    return accumulated
 
 
 class TrainState(train_state.TrainState):

@@ -543,7 +543,11 @@ def run(settings: Settings) -> tuple[dict[str, Any], pathlib.Path]:
     out = pathlib.Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{machine_slug(machine)}-{now.strftime('%Y-%m-%d')}"
-    for value, default in ((settings.ns_dtype, "float32"), (settings.scale, "full")):
+    for value, default in (
+        ("".join(settings.workloads), "abc"),
+        (settings.ns_dtype, "float32"),
+        (settings.scale, "full"),
+    ):
         if value != default:
             stem += f"-{value}"
     path = out / f"{stem}.json"

@@ -78,22 +78,24 @@ def _resolve_labels(param_labels: Any, params: Any) -> Any:
 def _track_second_moments(
     labels_fn: Callable, hyper: dict[str, tuple[Any, Any]]
 ) -> SecondMomentsFn:
-    """Assembles per-leaf ``(nu, b2, eps)`` from the partition's two masked Adam states."""
+    """Assembles per-leaf ``(nu, b2, eps)`` from the partition's two masked Adam states.
+
+    Each track's ``nu`` is shaped like the params with a ``MaskedNode`` where the
+    other track owns the leaf. The params themselves may hold ``MaskedNode``s too,
+    when an outer ``optax.partition`` or ``optax.masked`` wraps ARS2-Neo: the
+    labels carry those, so mapping over the labels pairs every label with its own
+    leaf of both ``nu`` trees, whatever either wrapper masked.
+    """
 
     def second_moments(partition_state, params):
-        labels = jax.tree.leaves(labels_fn(params))
-        treedef = jax.tree.structure(params)
-        nus = {
-            track: jax.tree.leaves(
-                optax.tree_utils.tree_get(partition_state.inner_states[track], "nu"),
-                is_leaf=lambda x: isinstance(x, MaskedNode),
-            )
-            for track in TRACKS
-        }
-        nu = [nus[label][i] for i, label in enumerate(labels)]
-        b2 = [hyper[label][0] for label in labels]
-        eps = [hyper[label][1] for label in labels]
-        return tuple(jax.tree.unflatten(treedef, leaves) for leaves in (nu, b2, eps))
+        labels = labels_fn(params)
+        nus = [
+            optax.tree_utils.tree_get(partition_state.inner_states[track], "nu") for track in TRACKS
+        ]
+        nu = jax.tree.map(lambda label, *track_nus: track_nus[TRACKS.index(label)], labels, *nus)
+        b2 = jax.tree.map(lambda label: hyper[label][0], labels)
+        eps = jax.tree.map(lambda label: hyper[label][1], labels)
+        return nu, b2, eps
 
     return second_moments
 
@@ -107,11 +109,13 @@ def _masked_dimension_numbers(weight_dimension_numbers: WeightDimensionNumbers) 
             dims = dims(updates)
         if dims is None or is_dimension_numbers_leaf(dims):
             return dims
+        # The updates lead: an outer optax.partition or optax.masked may have
+        # replaced a whole subtree of dims by one MaskedNode.
         return jax.tree.map(
-            lambda dim, update: update if isinstance(update, MaskedNode) else dim,
-            dims,
+            lambda update, dim: update if isinstance(update, MaskedNode) else dim,
             updates,
-            is_leaf=is_dimension_numbers_leaf,
+            dims,
+            is_leaf=lambda x: isinstance(x, MaskedNode),
         )
 
     return resolve
@@ -219,7 +223,9 @@ def ars2_neo(
       A :class:`optax.GradientTransformationExtraArgs`. Call
       ``tx.update(grads, state, params, grad_fn=grad_fn)`` with
       ``grad_fn(params) -> grads`` on the same batch; ``grad_fn`` may be omitted
-      only with SAM off. :func:`ars2_jax.diagnostics` reads SPEC §6 from the state.
+      only with SAM off; inside ``optax.partition`` or ``optax.masked``, pass
+      ``grad_fn=ars2_jax.masked_grad_fn(grad_fn, params)``.
+      :func:`ars2_jax.diagnostics` reads SPEC §6 from the state.
       Under :func:`optax.inject_hyperparams` pass
       ``static_args=ars2_jax.STATIC_ARGS``.
 

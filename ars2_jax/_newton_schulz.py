@@ -32,8 +32,25 @@ def default_dimension_numbers(ndim: int) -> MuonDimensionNumbers:
     * 4-D conv ``(kh, kw, in, out)`` and any higher rank ``(..., out)``: one
       matrix ``(prod(rest), out)``.
 
-    Flax's attention kernels ``(d_model, heads, head_dim)`` are not batched over
-    heads by this rule; pass dimension numbers for per-head orthogonalization.
+    A bare array cannot tell its own layout, and for some 3-D kernels this rule
+    is wrong: Flax's Q/K/V attention kernels are ``(in_features, heads, head_dim)``,
+    which it would batch over the input features (the output kernel
+    ``(heads, head_dim, out)`` it gets right). The module owning a kernel knows:
+    :func:`ars2_jax.training.nnx_matrix_views` and
+    :func:`ars2_jax.training.linen_matrix_views` read the views from the model
+    (per head for attention), and warn about leaves of 3 or more axes that no
+    known module owns, which keep this default.
+
+    Args:
+      ndim: the tensor's number of axes, at least 2.
+
+    Returns:
+      The :class:`optax.contrib.MuonDimensionNumbers` of the view.
+
+    Example:
+      >>> from ars2_jax import default_dimension_numbers
+      >>> default_dimension_numbers(4)
+      MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
     """
     if ndim < 2:
         raise ValueError(f"Newton-Schulz needs ndim >= 2, got ndim={ndim}")

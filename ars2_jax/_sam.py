@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax.transforms import MaskedNode
 
 from ars2_jax._orthogonalize import accumulation_dtype, frobenius_norm
 from ars2_jax._validation import check, check_static_int, concrete_float
@@ -122,6 +123,65 @@ def adam_second_moments(b2: float, eps: float) -> SecondMomentsFn:
     return second_moments
 
 
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, MaskedNode)
+
+
+def masked_grad_fn(
+    grad_fn: Callable[[optax.Params], optax.Updates], params: optax.Params
+) -> Callable[[optax.Params], optax.Updates]:
+    """A ``grad_fn`` for an ARS2-Neo nested in ``optax.partition`` or ``optax.masked``.
+
+    Those wrappers hand their inner transformation the params with
+    ``optax.transforms.MaskedNode()`` in place of the leaves (or subtrees) it does
+    not own, and forward ``grad_fn`` unchanged, so SAM would call a full-tree
+    ``grad_fn`` on a masked tree. The returned function fills every masked place
+    with the leaf of ``params`` (the other transformations' parameters stay where
+    they are: only the inner optimizer's leaves are perturbed), calls
+    ``grad_fn``, and masks the gradients like its input. On a tree with no
+    ``MaskedNode`` it is ``grad_fn`` itself, so one function serves every
+    transformation of the partition.
+
+    Args:
+      grad_fn: ``grad_fn(params) -> grads`` on the whole params tree.
+      params: the whole params tree of this step (what ``tx.update`` gets).
+
+    Returns:
+      ``grad_fn(masked_params) -> masked_grads``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import ars2_jax
+      >>> params = {"a": jnp.zeros(3), "b": {"w": jnp.zeros((8, 4))}}
+      >>> loss = lambda p: jnp.sum((p["b"]["w"] - 1) ** 2) + jnp.sum((p["a"] - 1) ** 2)
+      >>> tx = optax.partition(
+      ...     {"x": ars2_jax.ars2_neo(1e-2, rho=0.05, k=1), "y": optax.sgd(1e-2)},
+      ...     {"a": "y", "b": "x"})
+      >>> state = tx.init(params)
+      >>> grad_fn = ars2_jax.masked_grad_fn(jax.grad(loss), params)
+      >>> updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=grad_fn)
+      >>> updates["b"]["w"].shape
+      (8, 4)
+    """
+
+    def masked(masked_params):
+        full = jax.tree.map(
+            lambda leaf, whole: whole if _is_masked(leaf) else leaf,
+            masked_params,
+            params,
+            is_leaf=_is_masked,
+        )
+        grads = grad_fn(full)
+        return jax.tree.map(
+            lambda leaf, grad: leaf if _is_masked(leaf) else grad,
+            masked_params,
+            grads,
+            is_leaf=_is_masked,
+        )
+
+    return masked
+
+
 def _check_same_structure(
     tree: Any, reference: Any, what: str, reference_name: str = "the gradients"
 ) -> None:
@@ -199,6 +259,10 @@ def sharpness_aware(
     ``k > 1`` a fallback period), where ``α_t = α·(1 + max(0, φ))^γ``. The decision
     is a traced value and the second gradient sits under :func:`jax.lax.cond`,
     so a non-sync step never calls ``grad_fn``.
+
+    Inside ``optax.partition`` or ``optax.masked`` the params this wrapper sees hold
+    ``MaskedNode``s, and so does the tree it hands ``grad_fn``: build ``grad_fn``
+    with :func:`masked_grad_fn`.
 
     Non-finite gradients: if ``g`` or ``g_adv`` holds a NaN or an Inf anywhere,
     the step is skipped: the updates are zero, the state (inner state included)
@@ -345,7 +409,16 @@ def sharpness_aware(
                 b2,
                 eps,
             )
-            adversarial = grad_fn(perturbed)
+            try:
+                adversarial = grad_fn(perturbed)
+            except TypeError as error:
+                if not any(map(_is_masked, jax.tree.leaves(params, is_leaf=_is_masked))):
+                    raise
+                raise ValueError(
+                    "the params hold optax.transforms.MaskedNode()s (SAM inside optax.partition "
+                    "or optax.masked) and grad_fn failed on them: pass "
+                    "grad_fn=ars2_jax.masked_grad_fn(grad_fn, params)"
+                ) from error
             _check_same_structure(adversarial, grads, "grad_fn's output")
             adversarial = jax.tree.map(lambda a, g: a.astype(g.dtype), adversarial, grads)
             adversarial = preprocess(adversarial, params)

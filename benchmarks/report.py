@@ -11,6 +11,7 @@ from benchmarks.candidates import OPTIMIZERS, SECTIONS
 MUON_BOUND = 1.2  # (b) update alone: ARS2-Neo base / Muon, same NS dtype
 ADAMW_BOUND = 1.4  # (a) full step: ARS2-Neo base / AdamW
 ADAPTIVE_SLACK = 1.1  # (a) full step: adaptive / base <= (1 + 1/effective_k) * 1.1
+NNX_BOUNDS = {"ars2_base": 1.4, "ars2_sync": 2.4}  # (c) full step: ARS2-Neo / AdamW
 
 
 def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,6 +125,21 @@ def targets(results: dict[str, dict[str, Any]], ns_dtype: str) -> list[dict[str,
                 "bound": (1 + 1 / k) * ADAPTIVE_SLACK,
             }
         )
+    adamw_c = _median(results, "c", "step", "jax", "adamw")
+    for name, bound in NNX_BOUNDS.items():
+        value = ratio(_median(results, "c", "step", "jax", name), adamw_c)
+        if value is None:
+            continue
+        flop_ratio = results["c"].get("flop_ratio", {}).get(name)
+        found.append(
+            {
+                "target": f"(c) NNX LM full step, JAX: {OPTIMIZERS[name]} / AdamW "
+                f"(FLOP ratio {flop_ratio:.2f})",
+                "measured": value,
+                "bound": bound,
+                "flop_ratio": flop_ratio,
+            }
+        )
     for target in found:
         bound = target["bound"]
         target["met"] = None if bound is None else bool(target["measured"] <= bound)
@@ -139,6 +155,9 @@ def _seconds(seconds: float) -> str:
 
 
 FLOP_NAMES = {
+    "step_adamw": "full step, AdamW",
+    "step_ars2_base": "full step, ARS2-Neo base (NS loop counted in full)",
+    "step_ars2_sync": "full step, ARS2-Neo sync (NS loop counted in full)",
     "forward_backward": "forward-backward of one batch",
     "newton_schulz": "Newton-Schulz over the ARS2 track (5 steps)",
 }

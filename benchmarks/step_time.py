@@ -3,11 +3,15 @@
     python -m benchmarks.step_time                      # both workloads, float32 Newton-Schulz
     python -m benchmarks.step_time --workload a --ns-dtype bfloat16 --rounds 50
     python -m benchmarks.step_time --quick --scale tiny --workload a --out /tmp/bench
+    python -m benchmarks.step_time --workload c       # the NNX transformer LM only
 
-Two workloads (:mod:`benchmarks.workloads`): (a) the grokking transformer with a batch of
+Three workloads (:mod:`benchmarks.workloads`): (a) the grokking transformer with a batch of
 512, timed as the optimizer update alone (``tx.update`` + ``apply_updates`` on precomputed
 gradients, one jitted call) and as the full train step (loss, gradient, update); (b) a
-GPT-2-small-shaped parameter set (124M parameters, 48 matrices), update alone.
+GPT-2-small-shaped parameter set (124M parameters, 48 matrices), update alone; (c) an NNX
+transformer LM built from Flax's modules (d_model 128, 2 layers, 4 heads, sequence 64,
+batch 32), the full step through ``nnx.Optimizer`` with the views of
+``ars2_jax.training.nnx_matrix_views``: AdamW, ARS2-Neo base and sync.
 
 All candidates of a workload (both frameworks, every optimizer, every section) are timed
 in one process, round-robin: each round calls every candidate once, starting one
@@ -46,6 +50,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -67,6 +72,7 @@ from benchmarks import report as rep
 from benchmarks import workloads
 from benchmarks.machine import describe
 from experiments import common, grokking
+from models.nnx_transformer import TransformerLM, next_token_loss
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 NS_DTYPES = ("float32", "bfloat16")
@@ -82,11 +88,12 @@ CPU_ROWS_B = ("adamw", "muon", "ars2_base", OTHER_GROUPING)
 
 @dataclasses.dataclass
 class Settings:
-    workloads: tuple[str, ...] = ("a", "b")
+    workloads: tuple[str, ...] = ("a", "b", "c")
     ns_dtype: str = "float32"
     scale: str = "full"  # a key of workloads.SCALES
     rounds_a: int = 20
     rounds_b: int = 2
+    rounds_c: int = 20
     optimizers: tuple[str, ...] | None = None  # None: the defaults of each workload
     effective_k_epochs: int = 10
     effective_k: float | None = None  # None: measured by a short A-GSAM run
@@ -340,6 +347,106 @@ def run_workload_b(settings: Settings, configs, log) -> dict[str, Any]:
     }
 
 
+NNX_ROWS = ("adamw", "ars2_base", "ars2_sync")
+
+
+def _nnx_optimizer(name: str, model, ns_dtype: str):
+    from flax import nnx
+
+    from ars2_jax.training import nnx_matrix_views
+
+    if name == "adamw":
+        return optax.adamw(1e-3, weight_decay=0.01)
+    sam = dict(rho=0.05, k=1) if name == "ars2_sync" else {}
+    return ars2_jax.ars2_neo(
+        1e-3, ns_dtype=common.DTYPES[ns_dtype], **sam, **nnx_matrix_views(model, nnx.Param)
+    )
+
+
+def nnx_newton_schulz_loop_flops(model, ns_steps: int) -> float:
+    """The ``ns_steps - 1`` Newton-Schulz iterations XLA's count misses, on the model's views."""
+    from flax import nnx
+
+    from ars2_jax.training import nnx_matrix_views
+
+    views = nnx_matrix_views(model)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    labels = jax.tree.leaves(views["param_labels"])
+    dims = jax.tree.structure(params).flatten_up_to(views["weight_dimension_numbers"])
+    total = 0.0
+    for label, dim, leaf in zip(labels, dims, jax.tree.leaves(params)):
+        if label != "ars2":
+            continue
+        dim = dim or ars2_jax.default_dimension_numbers(leaf.ndim)
+        axes = lambda a: (a,) if isinstance(a, int) else tuple(a)
+        rows = math.prod(leaf.shape[a] for a in axes(dim.reduction_axis))
+        cols = math.prod(leaf.shape[a] for a in axes(dim.output_axis))
+        small, large = sorted((rows, cols))
+        total += leaf.size // (rows * cols) * (4 * small * small * large + 2 * small**3)
+    return total * (ns_steps - 1)
+
+
+def run_workload_c(settings: Settings, configs, log) -> dict[str, Any]:
+    from flax import nnx
+
+    from ars2_jax.training import nnx_grad_fn
+
+    del configs
+    names = [name for name in (settings.optimizers or NNX_ROWS) if name in NNX_ROWS]
+    scale = workloads.NNX_LM_SCALES[settings.scale]
+    tokens = workloads.nnx_lm_tokens(scale)
+    candidates, flops, n_params = [], {}, 0
+    log("(c) compiling the NNX train steps")
+    for name in names:
+        model = TransformerLM(scale.model, nnx.Rngs(0, dropout=1))
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        optimizer = nnx.Optimizer(
+            model, _nnx_optimizer(name, model, settings.ns_dtype), wrt=nnx.Param
+        )
+        graphdef, state = nnx.split((model, optimizer))
+        sam = name == "ars2_sync"
+
+        def step(state, tokens, graphdef=graphdef, sam=sam):
+            model, optimizer = nnx.merge(graphdef, state)
+            extra = {"grad_fn": nnx_grad_fn(model, next_token_loss, tokens)} if sam else {}
+            loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
+            optimizer.update(model, grads, **extra)
+            return nnx.state((model, optimizer)), loss
+
+        compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
+        flops[name] = _flops(compiled)
+        if name != "adamw":
+            flops[name] += nnx_newton_schulz_loop_flops(model, 5)
+        slot = cand.Slot(state)
+
+        def run(slot=slot, compiled=compiled):
+            slot.value, loss = compiled(slot.value, tokens)
+            jax.block_until_ready((slot.value, loss))
+
+        candidates.append(cand.Candidate("c", "step", "jax", name, run))
+    log(f"(c) timing {len(candidates)} candidates, {settings.rounds_c} rounds")
+    samples = interleaved(candidates, settings.rounds_c, log)
+    config = scale.model
+    result = {
+        "description": (
+            f"NNX transformer LM (d_model {config.d_model}, {config.layers} layers, "
+            f"{config.heads} heads, sequence {config.max_len}, batch {scale.batch_size}), "
+            "full step through nnx.Optimizer"
+        ),
+        "n_params": n_params,
+        "samples": samples,
+        "effective_k": {},
+        "flops": {f"step_{name}": value for name, value in flops.items()},
+        "memory": [],
+        "not_timed": [],
+    }
+    if "adamw" in flops:
+        result["flop_ratio"] = {
+            name: value / flops["adamw"] for name, value in flops.items() if name != "adamw"
+        }
+    return result
+
+
 NOTES = [
     "Update alone: `tx.update` + `optax.apply_updates` on precomputed gradients in one jitted "
     "call, params and state donated; `grad_fn` returns a precomputed gradient tree. PyTorch: "
@@ -399,7 +506,7 @@ def run(settings: Settings) -> tuple[dict[str, Any], pathlib.Path]:
     )
     before = load_average()
     configs = cand.optimizer_configs(settings.ns_dtype)
-    runners = {"a": run_workload_a, "b": run_workload_b}
+    runners = {"a": run_workload_a, "b": run_workload_b, "c": run_workload_c}
     results = {}
     for workload in settings.workloads:
         result = runners[workload](settings, configs, log)
@@ -436,7 +543,11 @@ def run(settings: Settings) -> tuple[dict[str, Any], pathlib.Path]:
     out = pathlib.Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{machine_slug(machine)}-{now.strftime('%Y-%m-%d')}"
-    for value, default in ((settings.ns_dtype, "float32"), (settings.scale, "full")):
+    for value, default in (
+        ("".join(settings.workloads), "abc"),
+        (settings.ns_dtype, "float32"),
+        (settings.scale, "full"),
+    ):
         if value != default:
             stem += f"-{value}"
     path = out / f"{stem}.json"
@@ -447,12 +558,20 @@ def run(settings: Settings) -> tuple[dict[str, Any], pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=("a", "b", "both"), default="both")
+    parser.add_argument(
+        "--workload",
+        choices=("a", "b", "c", "both", "all"),
+        default="all",
+        help="both: (a) and (b); all: (a), (b) and (c)",
+    )
     parser.add_argument("--ns-dtype", choices=NS_DTYPES, default="float32")
     parser.add_argument("--rounds", type=int, default=20, help="rounds of workload (a)")
     parser.add_argument("--rounds-b", type=int, default=2, help="rounds of workload (b)")
+    parser.add_argument("--rounds-c", type=int, default=20, help="rounds of workload (c)")
     parser.add_argument(
-        "--quick", action="store_true", help="3 rounds of (a), 1 of (b), a 1-epoch A-GSAM run"
+        "--quick",
+        action="store_true",
+        help="3 rounds of (a) and (c), 1 of (b), a 1-epoch A-GSAM run",
     )
     parser.add_argument(
         "--scale", choices=workloads.SCALES, default="full", help="tiny: small models, for tests"
@@ -484,15 +603,16 @@ def main(argv: list[str] | None = None) -> None:
         unknown = sorted(set(optimizers) - set(cand.CHOICES))
         if unknown:
             parser.error(f"--optimizers: unknown {unknown}; choose among {cand.CHOICES}")
-    for name in ("rounds", "rounds_b", "effective_k_epochs"):
+    for name in ("rounds", "rounds_b", "rounds_c", "effective_k_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     settings = Settings(
-        workloads=("a", "b") if args.workload == "both" else (args.workload,),
+        workloads={"both": ("a", "b"), "all": ("a", "b", "c")}.get(args.workload, (args.workload,)),
         ns_dtype=args.ns_dtype,
         scale=args.scale,
         rounds_a=3 if args.quick else args.rounds,
         rounds_b=1 if args.quick else args.rounds_b,
+        rounds_c=3 if args.quick else args.rounds_c,
         optimizers=optimizers,
         effective_k_epochs=1 if args.quick else args.effective_k_epochs,
         effective_k=args.effective_k,

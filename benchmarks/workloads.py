@@ -10,6 +10,10 @@
     124M parameters, 48 matrices for Newton-Schulz. (No position embedding: it would put a
     1024×768 matrix on the ARS2 track that Muon's routing leaves to Adam.)
 
+(c) ``nnx_lm``: the tests' NNX transformer LM (:mod:`models.nnx_transformer`: ``nnx.Embed``,
+    ``nnx.MultiHeadAttention``, ``nnx.LayerNorm``, ``nnx.Dropout``, MLP) at d_model 128, 2 layers,
+    4 heads, sequence 64, batch 32, timed as the full train step through ``nnx.Optimizer``.
+
 Each workload has a ``"tiny"`` scale with the same structure, for the test.
 """
 
@@ -26,6 +30,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from experiments import grokking
 from models.grokking import GrokkingConfig, Transformer
+from models.nnx_transformer import LMConfig
 
 SCALES = ("full", "tiny")
 
@@ -181,3 +186,24 @@ def gpt2_torch(shape: GPT2Shape, seed: int = 0):
 def tree_bytes(tree: Any) -> int:
     """Bytes held by the arrays of a pytree (``optax.MaskedNode`` holds none)."""
     return sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(tree))
+
+
+# --- (c) the NNX transformer LM ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXLMScale:
+    model: LMConfig
+    batch_size: int
+
+
+NNX_LM_SCALES = {
+    "full": NNXLMScale(LMConfig(), 32),
+    "tiny": NNXLMScale(LMConfig(vocab=32, d_model=16, heads=2, layers=1, d_mlp=32, max_len=8), 4),
+}
+
+
+def nnx_lm_tokens(scale: NNXLMScale, seed: int = 0) -> jax.Array:
+    """A batch of random tokens, one longer than the model's context (inputs and targets)."""
+    shape = (scale.batch_size, scale.model.max_len + 1)
+    return jax.random.randint(jax.random.key(seed), shape, 0, scale.model.vocab)

@@ -166,3 +166,23 @@ def test_grouping_same_shapes_changes_no_number():
         for name in updates:
             difference = np.linalg.norm(outputs[group][name] - outputs[True][name])
             assert difference <= 1e-5 * np.linalg.norm(outputs[True][name]), (group, name)
+
+
+def test_nnx_workload_times_adamw_base_and_sync_with_flop_ratios(tmp_path):
+    step_time.main(
+        ["--quick", "--scale", "tiny", "--workload", "c", "--out", str(tmp_path), "--quiet"]
+    )
+    (path,) = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    result = report["results"]["c"]
+    rows = _rows(result)
+    assert set(rows) == {("step", "jax", name) for name in step_time.NNX_ROWS}
+    for name in ("ars2_base", "ars2_sync"):
+        assert math.isfinite(rows[("step", "jax", name)]["vs_adamw"])
+        assert result["flop_ratio"][name] > 1
+    # Sync adds a forward-backward pass to base.
+    assert result["flop_ratio"]["ars2_sync"] > result["flop_ratio"]["ars2_base"]
+    targets = {t["target"].split(" (FLOP")[0]: t for t in report["targets"]}
+    assert targets["(c) NNX LM full step, JAX: ARS2-Neo base / AdamW"]["bound"] == 1.4
+    assert targets["(c) NNX LM full step, JAX: ARS2-Neo sync (k=1) / AdamW"]["bound"] == 2.4
+    assert "(c) NNX transformer LM" in path.with_suffix(".md").read_text()

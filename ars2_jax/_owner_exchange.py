@@ -276,6 +276,20 @@ def orthogonalize_local_blocks(
     ]
 
 
+def _wire(x: jax.Array) -> jax.Array:
+    """16-bit floats travel as 16-bit integers: XLA may otherwise widen a bfloat16
+    collective to float32 (its CPU backend does), doubling the bytes moved."""
+    if jnp.dtype(x.dtype).itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _unwire(x: jax.Array, dtype: Any) -> jax.Array:
+    if x.dtype == jnp.uint16 and jnp.dtype(dtype) != jnp.uint16:
+        return jax.lax.bitcast_convert_type(x, dtype)
+    return x
+
+
 def _exchange_group(
     members,
     leaves,
@@ -323,7 +337,9 @@ def _exchange_group(
         send = send[jax.lax.axis_index(replica_axes)]
     else:
         send = send[0]
-    received = jax.lax.all_to_all(send, split_axes, 0, 0, tiled=False) if split_axes else send
+    received = send
+    if split_axes:
+        received = _unwire(jax.lax.all_to_all(_wire(send), split_axes, 0, 0), work_dtype)
 
     def branch(o):
         def run(received):
@@ -343,8 +359,12 @@ def _exchange_group(
         computed = jax.lax.switch(
             jax.lax.axis_index(axis_names), [branch(o) for o in range(n_devices)], received
         )
-    back = jax.lax.all_to_all(computed, split_axes, 0, 0) if split_axes else computed
-    gathered = jax.lax.all_gather(back, replica_axes) if replica_axes else back[None]
+    back = computed
+    if split_axes:
+        back = _unwire(jax.lax.all_to_all(_wire(computed), split_axes, 0, 0), work_dtype)
+    gathered = back[None]
+    if replica_axes:
+        gathered = _unwire(jax.lax.all_gather(_wire(back), replica_axes), work_dtype)
     for i in members:
         r, s = slot[leaves[i].owner]
         part = gathered[r, s, offsets[i] : offsets[i] + block_size[i]]

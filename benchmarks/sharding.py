@@ -3,6 +3,7 @@
     python -m benchmarks.sharding                       # GPT-like and GPT-2-small, 4 and 8 devices
     python -m benchmarks.sharding --devices 8 --models gpt_like
     python -m benchmarks.sharding --scale tiny --devices 4 --out /tmp/sharding
+    python -m benchmarks.sharding --time --models gpt2   # run and time on the devices present
 
 The update (``tx.update`` on gradients, state and params laid out as the layout says;
 no forward or backward pass) is compiled, not run, on ``--devices`` CPU devices that XLA
@@ -23,6 +24,10 @@ parallel), ``2d`` (a ``data × fsdp`` mesh of 2 × N/2, tensors split over ``fsd
 Optimizers: ``optax.adamw``, ``optax.contrib.muon`` (matrices only, the rest on Adam),
 ``ars2_neo`` (base mode, default bfloat16 Newton-Schulz) as XLA lowers it, and
 ``ars2_neo`` with ``ns_sharding``.
+
+``--time`` instead runs the update on the devices present (a GPU node, say; no forced
+devices) and reports the median wall time of ``--repeats`` calls after a warm-up call,
+each blocked until its results are ready.
 """
 
 from __future__ import annotations
@@ -193,6 +198,93 @@ def run(models, device_counts, layouts, optimizers, scale) -> dict:
     }
 
 
+def time_present(models, layouts, optimizers, scale, repeats) -> dict:
+    """Median wall time of the update on every device present, per layout and optimizer."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    import ars2_jax
+
+    n = jax.device_count()
+    rows = []
+    for model in models:
+        shapes = model_shapes(model, scale)
+        for layout in layouts:
+            if layout == "2d" and n % 2:
+                continue
+            mesh = make_mesh(layout, n)
+            specs = param_specs(shapes, layout, mesh)
+            shardings = {k: NamedSharding(mesh, v) for k, v in specs.items()}
+            key = jax.random.key(0)
+            params = {
+                name: jax.device_put(
+                    jax.random.normal(jax.random.fold_in(key, i), shape) * 0.02, shardings[name]
+                )
+                for i, (name, shape) in enumerate(shapes.items())
+            }
+            grads = jax.tree.map(lambda x: x * 0.1 + 1e-3, params)
+            for name in optimizers:
+                tx = optimizer(name, shapes, specs, mesh)
+                state_shardings = jax.tree.map(
+                    lambda s, mesh=mesh: NamedSharding(mesh, s),
+                    ars2_jax.state_specs(tx, params, specs),
+                )
+                state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+                update = jax.jit(tx.update, out_shardings=(shardings, state_shardings))
+                jax.block_until_ready(update(grads, state, params))
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready(update(grads, state, params))
+                    samples.append(time.perf_counter() - start)
+                row = dict(
+                    model=model,
+                    devices=n,
+                    layout=layout,
+                    optimizer=name,
+                    median_ms=1e3 * float(np.median(samples)),
+                    samples_ms=[1e3 * t for t in samples],
+                    dtype=str(jnp.float32.dtype),
+                )
+                rows.append(row)
+                print(
+                    f"{model:8s} {n}  {layout:10s} {name:16s} {row['median_ms']:9.2f} ms",
+                    flush=True,
+                )
+    return {
+        "command": "python -m benchmarks.sharding " + " ".join(sys.argv[1:]),
+        "machine": _machine(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "scale": scale,
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+    }
+
+
+def time_markdown(report: dict) -> str:
+    lines = [
+        "# Optimizer update on the devices present: median wall time",
+        "",
+        f"`{report['command']}` on {report['machine']}, backend {report['backend']} "
+        f"({len(report['devices'])} devices), JAX {report['jax']}, {report['date']}.",
+        "",
+        "| model | devices | layout | update | median ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['devices']} | {row['layout']} | `{row['optimizer']}` | "
+            f"{row['median_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _machine() -> str:
     from benchmarks import machine
 
@@ -224,12 +316,14 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        ratio = "–" if row["flops_ratio"] is None or not row["flops_single"] else (
-            f"{row['flops_ratio']:.2f}"
+        ratio = (
+            "–"
+            if row["flops_ratio"] is None or not row["flops_single"]
+            else (f"{row['flops_ratio']:.2f}")
         )
-        memory = " / ".join(f"{(row[k] or 0) / MIB:.1f}" for k in (
-            "argument_bytes", "output_bytes", "temp_bytes"
-        ))
+        memory = " / ".join(
+            f"{(row[k] or 0) / MIB:.1f}" for k in ("argument_bytes", "output_bytes", "temp_bytes")
+        )
         lines.append(
             f"| {row['model']} | {row['devices']} | {row['layout']} | `{row['optimizer']}` | "
             f"{row['collective_bytes'] / MIB:.2f} MiB | {row['shares']:.2f} | "
@@ -248,12 +342,28 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
     )
+    parser.add_argument("--time", action="store_true", help="run and time on the devices present")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row (--time)")
     args = parser.parse_args(argv)
-    flag = f"--xla_force_host_platform_device_count={max(args.devices)}"
-    if "jax" in sys.modules:
-        raise SystemExit("benchmarks.sharding must set XLA_FLAGS before JAX is imported")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.time:
+        report = time_present(args.models, args.layouts, args.optimizers, args.scale, args.repeats)
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"sharding-time-{report['backend']}-{args.scale}-{report['date']}"
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (args.out / f"{stem}.md").write_text(time_markdown(report))
+        print(f"wrote {args.out / stem}.json and .md")
+        return
+    if "jax" not in sys.modules:
+        flag = f"--xla_force_host_platform_device_count={max(args.devices)}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if jax.device_count() < max(args.devices):
+        raise SystemExit(
+            f"--devices {max(args.devices)} but JAX has {jax.device_count()} devices: it was "
+            "imported before this module could set XLA_FLAGS"
+        )
     report = run(args.models, args.devices, args.layouts, args.optimizers, args.scale)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"sharding-{args.scale}-{report['date']}"

@@ -260,6 +260,42 @@ def hlo_report(mesh, specs) -> dict:
     return out
 
 
+def bfloat16_update_error(mesh, specs) -> float:
+    """One base update with the default bfloat16 iteration (its blocks travel as 16-bit
+    integers) against one device's: the relative error of SPEC §6b."""
+    params = tree_params()
+    grads = jax.grad(loss_fn)(params, {n: jnp.asarray(v) for n, v in batches(1)[0].items()})
+    single = ars2_jax.ars2_neo(1e-2)
+    reference, _ = jax.jit(single.update)(grads, single.init(params), params)
+    tx = ars2_jax.ars2_neo(1e-2, ns_sharding=ars2_jax.NewtonSchulzSharding(specs, mesh=mesh))
+    put = lambda tree: jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs
+    )
+    state = place({"base": tx.init(params)}, mesh, specs, {"base": tx})["base"]
+    updates, _ = jax.jit(tx.update)(put(grads), state, put(params))
+    return problem.relative_error(
+        {n: np.asarray(v, np.float64) for n, v in updates.items()},
+        {n: np.asarray(v, np.float64) for n, v in reference.items()},
+    )
+
+
+def run_guide() -> list[str]:
+    """Runs every ```python block of docs/scaling.md on all the devices; returns what they print."""
+    import contextlib
+    import io
+    import pathlib
+    import re
+
+    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+    printed = []
+    for index, code in enumerate(re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, f"docs/scaling.md block {index}", "exec"), {"__name__": "guide"})
+        printed.append(out.getvalue())
+    return printed
+
+
 def state_trees_match() -> bool:
     mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
     on = optimizers(ars2_jax.NewtonSchulzSharding(fsdp_specs(4), mesh=mesh))
@@ -285,7 +321,7 @@ def main() -> None:
     reference, reference_syncs, _ = run(
         jax.jit(all_modes(reference_txs, global_grads)), params, states, data
     )
-    report = {"state_trees_match": state_trees_match(), "meshes": {}}
+    report = {"state_trees_match": state_trees_match(), "guide": run_guide(), "meshes": {}}
     for size in MESH_SIZES:
         devices = jax.devices()[:size]
         auto = lambda shape, names, devices=devices: jax.make_mesh(
@@ -313,6 +349,7 @@ def main() -> None:
                 for mode in MODES
             }
         result["hlo"] = hlo_report(fsdp, fsdp_specs(size))
+        result["bfloat16_error"] = bfloat16_update_error(two_d, two_d_specs())
         report["meshes"][size] = result
     report["reference_sync_counts"] = {mode: reference_syncs[mode][-1] for mode in MODES}
     report["moved"] = {

@@ -79,6 +79,19 @@ def test_no_collective_inside_the_newton_schulz_loop(report):
         assert five["by_op"]["all-gather"][0] == 1
 
 
+def test_bfloat16_blocks_travel_intact(report):
+    # bfloat16 rounds the normalized blocks; where the sum of squares is added up in
+    # another order a few entries round the other way (the 2-D mesh splits most).
+    for size, result in report["meshes"].items():
+        assert result["bfloat16_error"] < 1e-2, f"{size} devices: {result['bfloat16_error']}"
+
+
+def test_the_guide_runs_on_8_devices(report):
+    jit_way, shard_map_way = report["guide"]
+    assert "w1 split as P('fsdp',)" in jit_way
+    assert "w2 split as P(None, 'fsdp')" in shard_map_way
+
+
 def test_state_tree_is_the_same_with_the_option(report):
     assert report["state_trees_match"]
 

@@ -37,7 +37,7 @@ class NewtonSchulzSharding:
     * under ``jax.jit`` with ``NamedSharding``\\ s: ``specs`` and ``mesh``; the
       optimizer sees global arrays and wraps its Newton-Schulz in a ``shard_map``.
       A dimension that its axes do not divide is moved as if replicated.
-    * inside your own ``shard_map`` (or ``pmap``): ``specs`` and ``axis_names``
+    * inside your own ``shard_map``: ``specs`` and ``axis_names``
       (the manual axes; devices are numbered row-major over them); the optimizer
       sees local blocks, and SAM's norms, φ and the finiteness check are summed
       over the axes each leaf is split over.
@@ -175,6 +175,8 @@ def orthogonalize_sharded(
     eps: float,
 ) -> list[jax.Array]:
     """``‖u‖ · NS(u)`` of every leaf with owner devices (see :class:`NewtonSchulzSharding`)."""
+    if not leaves:
+        return []
     if ns_sharding.mesh is None:
         sizes = {name: jax.lax.axis_size(name) for name in ns_sharding.axis_names}
         local = [_leaf_spec(s, x.ndim) for s, x in zip(specs, leaves)]

@@ -216,8 +216,8 @@ def orthogonalize_local_blocks(
     ns_dtype: Any,
     eps: float,
 ) -> list[jax.Array]:
-    """``‖u‖ · NS(u)`` of every leaf, as local blocks; must run under ``shard_map``
-    (or ``pmap``) over ``axis_names``, whose sizes are ``sizes``."""
+    """``‖u‖ · NS(u)`` of every leaf, as local blocks; must run under ``shard_map`` over
+    ``axis_names``, whose sizes are ``sizes``."""
     leaves = []
     for block, spec, dimension_numbers in zip(blocks, specs, dims):
         full_shape = tuple(

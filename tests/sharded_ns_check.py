@@ -296,6 +296,22 @@ def run_guide() -> list[str]:
     return printed
 
 
+def nondivisible_error(mesh) -> float:
+    """One update whose specs split dimensions the mesh does not divide (18 and 6 over 4 or
+    8 devices), against one device's: those leaves travel as if replicated."""
+    params = tree_params()
+    specs = {**fsdp_specs(mesh.size), "odd": P("fsdp"), "out": P(None, "fsdp")}
+    single = ars2_jax.ars2_neo(1e-2, ns_dtype=jnp.float32)
+    reference, _ = single.update(params, single.init(params), params)
+    ns = ars2_jax.NewtonSchulzSharding(specs, mesh=mesh)
+    tx = ars2_jax.ars2_neo(1e-2, ns_dtype=jnp.float32, ns_sharding=ns)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    return problem.relative_error(
+        {n: np.asarray(v, np.float64) for n, v in updates.items()},
+        {n: np.asarray(v, np.float64) for n, v in reference.items()},
+    )
+
+
 def state_trees_match() -> bool:
     mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
     on = optimizers(ars2_jax.NewtonSchulzSharding(fsdp_specs(4), mesh=mesh))
@@ -350,6 +366,7 @@ def main() -> None:
             }
         result["hlo"] = hlo_report(fsdp, fsdp_specs(size))
         result["bfloat16_error"] = bfloat16_update_error(two_d, two_d_specs())
+        result["nondivisible_error"] = nondivisible_error(fsdp)
         report["meshes"][size] = result
     report["reference_sync_counts"] = {mode: reference_syncs[mode][-1] for mode in MODES}
     report["moved"] = {

@@ -80,10 +80,16 @@ def test_no_collective_inside_the_newton_schulz_loop(report):
 
 
 def test_bfloat16_blocks_travel_intact(report):
-    # bfloat16 rounds the normalized blocks; where the sum of squares is added up in
-    # another order a few entries round the other way (the 2-D mesh splits most).
+    # bfloat16 rounds the normalized blocks; where a sum of squares is added up in another
+    # order an entry may round the other way (measured: 3e-7 on the 2-D mesh).
     for size, result in report["meshes"].items():
-        assert result["bfloat16_error"] < 1e-2, f"{size} devices: {result['bfloat16_error']}"
+        assert result["bfloat16_error"] < 1e-3, f"{size} devices: {result['bfloat16_error']}"
+
+
+def test_dimensions_the_mesh_does_not_divide(report):
+    for size, result in report["meshes"].items():
+        error = result["nondivisible_error"]
+        assert error <= problem.TOLERANCE, f"{size} devices: one update off by {error:.2e}"
 
 
 def test_the_guide_runs_on_8_devices(report):
@@ -224,3 +230,11 @@ def test_sharding_is_hashable_and_compares_by_value():
     b = ars2_jax.NewtonSchulzSharding({"w": P("x")}, axis_names="x")
     assert a == b and hash(a) == hash(b)
     assert a != ars2_jax.NewtonSchulzSharding({"w": P()}, axis_names=("x",))
+
+
+def test_params_without_matrices():
+    ns = ars2_jax.NewtonSchulzSharding(P(), mesh=one_device_mesh())
+    tx = ars2_jax.ars2_neo(1e-2, ns_sharding=ns)
+    params = {"b": jnp.ones(3)}
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    assert updates["b"].shape == (3,)

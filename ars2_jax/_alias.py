@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -10,8 +11,10 @@ import jax.numpy as jnp
 import optax
 from optax.transforms import MaskedNode
 
+from ars2_jax._distributed import sharded_axes
 from ars2_jax._orthogonalize import (
     WeightDimensionNumbers,
+    check_ns_sharding,
     is_dimension_numbers_leaf,
     orthogonalize_with_energy,
 )
@@ -32,6 +35,7 @@ STATIC_ARGS = (
     "weight_dimension_numbers",
     "axis_name",
     "gradient_transform",
+    "ns_sharding",
 )
 
 
@@ -146,6 +150,7 @@ def ars2_neo(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     axis_name: str | None = None,
     gradient_transform: optax.GradientTransformation | None = None,
+    ns_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ARS2-Neo: Adam's energy along a Newton-Schulz direction, with optional SAM.
 
@@ -218,6 +223,13 @@ def ars2_neo(
         ``pmean``-ed over this axis (``pmap`` / ``shard_map``).
       gradient_transform: a stateless transformation applied to the gradient and
         to every output of ``grad_fn``, e.g. ``optax.clip_by_global_norm(1.0)``.
+        Under ``shard_map`` with sharded params it sees local blocks (a global
+        norm would be the block's).
+      ns_sharding: a :class:`ars2_jax.NewtonSchulzSharding` with specs like the
+        params: Newton-Schulz runs whole on one owner device per matrix, and under
+        ``shard_map`` SAM's norms and φ sum over the axes each block is split over
+        (``docs/scaling.md``). ``None``: where XLA puts it. The state is the same
+        either way.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs`. Call
@@ -264,6 +276,7 @@ def ars2_neo(
     _validate_track("", learning_rate, b1, b2, eps, weight_decay)
     check_static_int("ns_steps", ns_steps, 1)
     check_float_dtype("ns_dtype", ns_dtype)
+    check_ns_sharding(ns_sharding)
     adamw_learning_rate = learning_rate if adamw_learning_rate is None else adamw_learning_rate
     adamw_b1 = b1 if adamw_b1 is None else adamw_b1
     adamw_b2 = b2 if adamw_b2 is None else adamw_b2
@@ -281,6 +294,7 @@ def ars2_neo(
             ns_steps,
             ns_dtype,
             weight_dimension_numbers=_masked_dimension_numbers(weight_dimension_numbers),
+            ns_sharding=ns_sharding,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -308,6 +322,7 @@ def ars2_neo(
         adaptive_gamma=adaptive_gamma,
         axis_name=axis_name,
         gradient_transform=gradient_transform,
+        sharded_axes=None if ns_sharding is None else partial(sharded_axes, ns_sharding),
     )
 
 

@@ -36,10 +36,26 @@ def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def frobenius_norm(x: jax.Array) -> jax.Array:
-    """``‖x‖`` of the whole array, accumulated in at least float32, as a scalar of that dtype."""
+def psum_over(x: jax.Array, axes: Any) -> jax.Array:
+    """``jax.lax.psum`` over ``axes`` (a collection of axis names); ``x`` itself if empty."""
+    return jax.lax.psum(x, tuple(sorted(axes))) if axes else x
+
+
+def frobenius_norm(x: jax.Array, axes: Any = ()) -> jax.Array:
+    """``‖x‖`` of the whole array, accumulated in at least float32, as a scalar of that dtype.
+
+    ``axes``: under ``shard_map``, the axes ``x`` is a block split over (the
+    squares are summed over them).
+    """
     x = x.astype(accumulation_dtype(x.dtype))
-    return jnp.sqrt(jnp.sum(x * x))
+    return jnp.sqrt(psum_over(jnp.sum(x * x), axes))
+
+
+def check_ns_sharding(ns_sharding: Any) -> None:
+    from ars2_jax._distributed import NewtonSchulzSharding
+
+    if ns_sharding is not None and not isinstance(ns_sharding, NewtonSchulzSharding):
+        raise ValueError(f"ns_sharding={ns_sharding!r} must be None or a NewtonSchulzSharding")
 
 
 def _directions(leaves, dims, steps, coeffs, ns_dtype, eps, group_same_shapes):
@@ -77,6 +93,7 @@ def orthogonalize_with_energy(
     ns_coeffs: tuple[float, float, float] = NS_COEFFS,
     ns_eps: float = NS_EPS,
     group_same_shapes: bool | None = None,
+    ns_sharding: Any = None,
 ) -> optax.GradientTransformation:
     r"""Replaces each update ``u`` by its energy times its orthogonalized direction.
 
@@ -125,6 +142,7 @@ def orthogonalize_with_energy(
     """
     check_static_int("ns_steps", ns_steps, 1)
     check_float_dtype("ns_dtype", ns_dtype)
+    check_ns_sharding(ns_sharding)
 
     def update_fn(updates, state, params=None):
         del params
@@ -134,6 +152,21 @@ def orthogonalize_with_energy(
         if dims is None or isinstance(dims, MuonDimensionNumbers):
             dims = jax.tree.map(lambda _: dims, updates)
         leaves, treedef = jax.tree.flatten(updates)
+        if ns_sharding is not None:
+            # Imported here: _distributed builds on this module.
+            from ars2_jax import _distributed
+
+            out = _distributed.orthogonalize_sharded(
+                leaves,
+                treedef.flatten_up_to(dims),
+                ns_sharding,
+                _distributed.specs_for_leaves(ns_sharding.specs, updates),
+                ns_steps,
+                ns_coeffs,
+                ns_dtype,
+                ns_eps,
+            )
+            return jax.tree.unflatten(treedef, out), state
         directions = _directions(
             leaves,
             treedef.flatten_up_to(dims),

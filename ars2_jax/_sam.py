@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from optax.transforms import MaskedNode
 
-from ars2_jax._orthogonalize import accumulation_dtype, frobenius_norm
+from ars2_jax._orthogonalize import accumulation_dtype, frobenius_norm, psum_over
 from ars2_jax._validation import check, check_static_int, concrete_float
 
 # Guards every norm and ratio against division by zero (SPEC: tiny).
@@ -48,15 +48,19 @@ def _tree_sum(fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
     return sum(terms, jnp.zeros([], _scalar_dtype()))
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def _dot(a: jax.Array, b: jax.Array, axes: Any = ()) -> jax.Array:
     dtype = accumulation_dtype(jnp.result_type(a, b))
-    return jnp.sum(a.astype(dtype) * b.astype(dtype)).astype(_scalar_dtype())
+    return psum_over(jnp.sum(a.astype(dtype) * b.astype(dtype)), axes).astype(_scalar_dtype())
 
 
-def tree_all_finite(tree: Any) -> jax.Array:
-    """Whether every entry of every leaf is finite (a traced boolean)."""
+def tree_all_finite(tree: Any, axes: Any = ()) -> jax.Array:
+    """Whether every entry of every leaf is finite (a traced boolean), on every device
+    along ``axes`` (under ``shard_map``, where each holds other blocks)."""
     leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves], dtype=bool))
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves], dtype=bool))
+    if not axes:
+        return finite
+    return jax.lax.pmin(finite.astype(jnp.int32), tuple(sorted(axes))) > 0
 
 
 def perturbation(
@@ -67,6 +71,7 @@ def perturbation(
     eps: jax.Array,
     rho: jax.Array,
     step: jax.Array,
+    axes: Any = (),
 ) -> jax.Array:
     """The scale-aware natural-gradient perturbation ``e`` of one tensor (SPEC §5.2).
 
@@ -74,33 +79,38 @@ def perturbation(
     direction is zero. The direction is divided by its largest entry before its
     norm is taken: ``rho·(n/s) / (‖n/s‖ + tiny/s)`` is SPEC's ``rho·n / (‖n‖ + tiny)``,
     and stays finite when ``‖n‖²`` would overflow (on step 1 ``n = g/eps·|θ|``).
+    Under ``shard_map``, ``axes`` are those the tensor's block is split over.
     """
     bias = 1 - b2 ** jnp.maximum(1, step - 1) + TINY
     v_hat_prev = nu / bias
     direction = grad / (jnp.sqrt(v_hat_prev) + eps) * jnp.abs(param)
     largest = jnp.max(jnp.abs(direction), initial=0.0)
+    if axes:
+        largest = jax.lax.pmax(largest, tuple(sorted(axes)))
     scale = jnp.where(largest > 0, largest, 1.0)
     unit = direction / scale
-    e = rho * unit / (frobenius_norm(unit) + TINY / scale)
+    e = rho * unit / (frobenius_norm(unit, axes) + TINY / scale)
     return e.astype(param.dtype)
 
 
-def shear_force(adversarial_grad: jax.Array, grad: jax.Array) -> jax.Array:
+def shear_force(adversarial_grad: jax.Array, grad: jax.Array, axes: Any = ()) -> jax.Array:
     """The component of ``adversarial_grad`` orthogonal to ``grad`` (SPEC §5.2).
 
     Computed from ``Δ = g_adv − g`` as ``Δ − (⟨Δ, g⟩ / (‖g‖² + tiny))·g``: the same
     vector as SPEC's ``g_adv − (⟨g_adv, g⟩ / (‖g‖² + tiny))·g`` up to
     ``tiny/(‖g‖² + tiny)·g``, without the cancellation that costs the SPEC form
-    its low-order digits in float32 when ``g_adv ≈ g``.
+    its low-order digits in float32 when ``g_adv ≈ g``. ``axes``: see :func:`perturbation`.
     """
     delta = adversarial_grad - grad
-    coef = _dot(delta, grad) / (_dot(grad, grad) + TINY)
+    coef = _dot(delta, grad, axes) / (_dot(grad, grad, axes) + TINY)
     return (delta - coef * grad).astype(grad.dtype)
 
 
-def inject_shear(grad: jax.Array, shear: jax.Array, alpha_t: jax.Array) -> jax.Array:
-    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear`` (SPEC §5.3)."""
-    scale = frobenius_norm(grad) / (frobenius_norm(shear) + TINY)
+def inject_shear(
+    grad: jax.Array, shear: jax.Array, alpha_t: jax.Array, axes: Any = ()
+) -> jax.Array:
+    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear`` (SPEC §5.3); ``axes``: see :func:`perturbation`."""
+    scale = frobenius_norm(grad, axes) / (frobenius_norm(shear, axes) + TINY)
     return (grad + alpha_t * scale * shear).astype(grad.dtype)
 
 
@@ -240,6 +250,7 @@ def sharpness_aware(
     adaptive_gamma: float = 2.0,
     axis_name: str | None = None,
     gradient_transform: optax.GradientTransformation | None = None,
+    sharded_axes: Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps ``inner`` so that it sees ARS2-Neo's SAM gradient (SPEC §5).
 
@@ -289,6 +300,11 @@ def sharpness_aware(
         ``optax.clip_by_global_norm(1.0)``) applied to ``g`` and to every output of
         ``grad_fn``, after the ``pmean``. An outer ``optax.chain(clip, ...)`` would
         only reach ``g``.
+      sharded_axes: under ``shard_map`` with params split into blocks, a function
+        of the params returning, per leaf, the ``frozenset`` of mesh axes its block
+        is split over: norms, dot products and φ are summed over them, and the
+        finiteness check agrees over all of them. ``None`` (or a function
+        returning ``None``): whole tensors.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -364,19 +380,23 @@ def sharpness_aware(
                 "with grad_fn(params) -> grads on the same batch"
             )
         _check_same_structure(updates, params, "the gradient", "the params")
+        axes = None if sharded_axes is None else sharded_axes(params)
+        if axes is None:
+            axes = jax.tree.map(lambda _: frozenset(), params)
+        every_axis = frozenset().union(*jax.tree.leaves(axes))
         dtype = _scalar_dtype()
         grads = preprocess(updates, params)
         t = state.step + 1
-        finite = tree_all_finite(grads)
+        finite = tree_all_finite(grads, every_axis)
         gap = t - state.last_sync
         phi = phi_var = threshold = jnp.zeros([], dtype)
         alpha_t = jnp.asarray(alpha, dtype)
 
         if adaptive:
-            phi = _tree_sum(_dot, grads, state.shear_force) / (
+            phi = _tree_sum(_dot, grads, state.shear_force, axes) / (
                 jnp.sqrt(
-                    _tree_sum(_dot, grads, grads)
-                    * _tree_sum(_dot, state.shear_force, state.shear_force)
+                    _tree_sum(_dot, grads, grads, axes)
+                    * _tree_sum(_dot, state.shear_force, state.shear_force, axes)
                 )
                 + TINY
             )
@@ -402,12 +422,13 @@ def sharpness_aware(
         def sync_branch():
             nu, b2, eps = second_moments(state.inner_state, params)
             perturbed = jax.tree.map(
-                lambda p, g, v, b, e: p + perturbation(p, g, v, b, e, rho, t),
+                lambda p, g, v, b, e, a: p + perturbation(p, g, v, b, e, rho, t, a),
                 params,
                 grads,
                 nu,
                 b2,
                 eps,
+                axes,
             )
             try:
                 adversarial = grad_fn(perturbed)
@@ -423,7 +444,9 @@ def sharpness_aware(
             adversarial = jax.tree.map(lambda a, g: a.astype(g.dtype), adversarial, grads)
             adversarial = preprocess(adversarial, params)
             shear = (
-                jax.tree.map(shear_force, adversarial, grads) if keeps_shear else state.shear_force
+                jax.tree.map(shear_force, adversarial, grads, axes)
+                if keeps_shear
+                else state.shear_force
             )
             return adversarial, shear
 
@@ -431,7 +454,7 @@ def sharpness_aware(
             if not keeps_shear:
                 return grads, state.shear_force
             injected = jax.tree.map(
-                lambda g, v: inject_shear(g, v, alpha_t), grads, state.shear_force
+                lambda g, v, a: inject_shear(g, v, alpha_t, a), grads, state.shear_force, axes
             )
             return injected, state.shear_force
 
@@ -442,7 +465,7 @@ def sharpness_aware(
         else:
             # A non-finite g skips the step anyway: spare the second gradient.
             used, shear = jax.lax.cond(sync & finite, sync_branch, other_branch)
-        finite = finite & tree_all_finite(used)
+        finite = finite & tree_all_finite(used, every_axis)
 
         def apply():
             new_updates, inner_state = inner.update(used, state.inner_state, params)

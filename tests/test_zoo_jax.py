@@ -1,12 +1,14 @@
-"""The model zoo: ARS2-Neo on models built only from Flax NNX's own modules.
+"""The model zoo: ARS2-Neo on models built only from Flax's own modules (NNX and Linen).
 
 Each model trains 20 jitted steps on one fixed batch, with the views of
-``nnx_matrix_views`` and the stateful-SAM rule of ``nnx_grad_fn``, in base and sync
-mode, next to AdamW as a control.
+``nnx_matrix_views`` / ``linen_matrix_views`` and the stateful-SAM rule, in base and
+sync mode, next to AdamW as a control. (The scanned Linen transformer trains in
+tests/test_model_views_jax.py.)
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 
 import ars2_jax
-from ars2_jax.training import nnx_grad_fn, nnx_matrix_views
+from ars2_jax.training import TrainState, linen_matrix_views, nnx_grad_fn, nnx_matrix_views
 from models.nnx_transformer import LMConfig, TransformerLM, next_token_loss
 
 STEPS = 20
@@ -155,3 +157,60 @@ def test_zoo_views_match_the_hand_written_tables():
     resnet = {"['stem']['kernel']": conv, "['head']['kernel']": matrix}
     resnet |= {f"['convs'][{i}]['kernel']": conv for i in range(4)}
     assert ars2_views(MODELS["resnet"][0]()) == resnet
+
+
+class LinenCNN(nn.Module):
+    """nn.Conv, nn.BatchNorm, nn.Dropout and nn.Dense."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        for _ in range(2):
+            x = nn.Conv(16, (3, 3))(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Dropout(0.1, deterministic=not train)(x.mean(axis=(1, 2)))
+        return nn.Dense(4)(x)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "base", "sync"])
+def test_zoo_linen_cnn_trains(optimizer_name):
+    model = LinenCNN()
+    variables = model.init(jax.random.key(0), IMAGES, train=False)
+    views = linen_matrix_views(model, IMAGES, train=False)
+    tx = {
+        "adamw": optax.adamw(1e-2),
+        "base": ars2_jax.ars2_neo(1e-2, **views),
+        "sync": ars2_jax.ars2_neo(1e-2, rho=0.05, k=1, **views),
+    }[optimizer_name]
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=tx,
+    )
+
+    def loss_fn(params, batch_stats, key):
+        logits, mutated = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            IMAGES,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
+        return loss, mutated["batch_stats"]
+
+    @jax.jit
+    def step(state, key):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, key
+        )
+        grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, state.batch_stats, key)[0]
+        extra = {"grad_fn": grad_fn} if optimizer_name == "sync" else {}
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats, **extra), loss
+
+    losses = []
+    for i in range(STEPS):
+        state, loss = step(state, jax.random.fold_in(jax.random.key(1), i))
+        losses.append(float(loss))
+    assert all(jnp.isfinite(jnp.asarray(losses)))
+    assert losses[-1] <= 0.5 * losses[0], losses

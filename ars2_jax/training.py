@@ -51,7 +51,7 @@ def nnx_grad_fn(
     never touched, and whatever the adversarial pass changes in the copy is
     discarded.
 
-    The stateful-SAM rule (SPEC §5.2, the same in ``ars2_torch``): build it
+    The stateful-SAM rule (``docs/in_your_model.md``, the same in ``ars2_torch``): build it
     **before** the base pass, as below. Then the adversarial pass
 
     * draws the base pass's random numbers (the same dropout masks: the

@@ -191,3 +191,20 @@ def test_linen_train_state_sync_step_keeps_the_base_pass_state_and_mask():
         np.testing.assert_array_equal(base, adversarial)
         assert 0.2 < base.mean() < 0.8
     assert not np.array_equal(recorder.masks[0], recorder.masks[3])
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_nnx_issue_order_grad_fn_after_the_base_pass_steps(jit):
+    # Issue 14, item 1: built after the base pass (the issue's order), this raised
+    # TraceContextError on BatchStat. It steps now, the state as without SAM (only
+    # the adversarial pass's dropout mask is then a fresh one).
+    def step(model, optimizer, x, y):
+        grads = nnx.grad(loss_fn)(model, x, y)
+        optimizer.update(model, grads, grad_fn=nnx_grad_fn(model, loss_fn, x, y))
+
+    step = nnx.jit(step) if jit else step
+    model = _nnx_model(Recorder())
+    without = nnx.clone(model)
+    step(model, nnx.Optimizer(model, ars2_neo(1e-2, **SAM["sync"]), wrt=nnx.Param), X, Y)
+    step(without, nnx.Optimizer(without, optax.adamw(1e-2), wrt=nnx.Param), X, Y)
+    chex.assert_trees_all_equal(_non_param_state(model), _non_param_state(without))

@@ -1,12 +1,14 @@
-"""The model zoo: ARS2-Neo on models built only from Flax NNX's own modules.
+"""The model zoo: ARS2-Neo on models built only from Flax's own modules (NNX and Linen).
 
 Each model trains 20 jitted steps on one fixed batch, with the views of
-``nnx_matrix_views`` and the stateful-SAM rule of ``nnx_grad_fn``, in base and sync
-mode, next to AdamW as a control.
+``nnx_matrix_views`` / ``linen_matrix_views`` and the stateful-SAM rule, in base and
+sync mode, next to AdamW as a control. (The scanned Linen transformer trains in
+tests/test_model_views_jax.py.)
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 
 import ars2_jax
-from ars2_jax.training import nnx_grad_fn, nnx_matrix_views
+from ars2_jax.training import TrainState, linen_matrix_views, nnx_grad_fn, nnx_matrix_views
 from models.nnx_transformer import LMConfig, TransformerLM, next_token_loss
 
 STEPS = 20
@@ -60,7 +62,17 @@ OPTIMIZERS = {
     "adamw": lambda model: optax.adamw(3e-3),
     "base": lambda model: ars2_jax.ars2_neo(3e-3, **nnx_matrix_views(model)),
     "sync": lambda model: ars2_jax.ars2_neo(3e-3, rho=0.05, k=1, **nnx_matrix_views(model)),
+    "delayed": lambda model: ars2_jax.ars2_neo(
+        3e-3, rho=0.05, k=3, alpha=0.3, **nnx_matrix_views(model)
+    ),
+    "adaptive": lambda model: ars2_jax.ars2_neo(
+        3e-3, rho=0.05, k=4, alpha=0.3, adaptive=True, **nnx_matrix_views(model)
+    ),
 }
+SAM_MODES = ("sync", "delayed", "adaptive")
+# Every model with AdamW, base and sync; all four modes on the smallest, the ResNet.
+CASES = [(m, o) for m in MODELS for o in ("adamw", "base", "sync")]
+CASES += [("resnet", "delayed"), ("resnet", "adaptive")]
 
 
 @nnx.jit(static_argnums=(2, 3))
@@ -71,22 +83,51 @@ def _step(model, optimizer, loss_fn, sam, *batch):
     return loss
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+@pytest.mark.parametrize(("model_name", "optimizer_name"), CASES)
 def test_zoo_model_trains(model_name, optimizer_name):
     build, loss_fn, batch = MODELS[model_name]
     model = build()
     optimizer = nnx.Optimizer(model, OPTIMIZERS[optimizer_name](model), wrt=nnx.Param)
     losses = [
-        float(_step(model, optimizer, loss_fn, optimizer_name == "sync", *batch))
+        float(_step(model, optimizer, loss_fn, optimizer_name in SAM_MODES, *batch))
         for _ in range(STEPS)
     ]
     final = float(loss_fn(model, *batch))
     assert all(jnp.isfinite(jnp.asarray(losses))) and jnp.isfinite(final)
     assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), nnx.state(model)))
     assert final <= 0.5 * losses[0], (losses[0], final)
-    if optimizer_name == "sync":
-        assert int(ars2_jax.diagnostics(optimizer.opt_state)["sync_count"]) == STEPS
+    if optimizer_name in SAM_MODES:
+        sync_count = int(ars2_jax.diagnostics(optimizer.opt_state)["sync_count"])
+        assert sync_count == {"sync": STEPS, "delayed": 7}.get(optimizer_name, sync_count) >= 1
+
+
+def test_zoo_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
+    from ars2_jax import checkpoint
+
+    build, loss_fn, batch = MODELS["transformer"]
+
+    tx = OPTIMIZERS["delayed"](build())  # one tx: both pairs share one compiled step
+
+    def fresh():
+        model = build()
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    model, optimizer = fresh()
+    for _ in range(4):
+        _step(model, optimizer, loss_fn, True, *batch)
+    checkpoint.save(tmp_path, nnx.as_pure(nnx.state((model, optimizer))), step=4)
+    restored_model, restored_optimizer = fresh()
+    like = nnx.as_pure(nnx.state((restored_model, restored_optimizer)))
+    nnx.update((restored_model, restored_optimizer), checkpoint.restore(tmp_path, like=like))
+    for _ in range(10):
+        expected = _step(model, optimizer, loss_fn, True, *batch)
+        got = _step(restored_model, restored_optimizer, loss_fn, True, *batch)
+        assert float(got) == float(expected)
+    both = [
+        nnx.as_pure(nnx.state(pair))
+        for pair in ((model, optimizer), (restored_model, restored_optimizer))
+    ]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), *both))
 
 
 def test_zoo_views_match_the_hand_written_tables():
@@ -116,3 +157,60 @@ def test_zoo_views_match_the_hand_written_tables():
     resnet = {"['stem']['kernel']": conv, "['head']['kernel']": matrix}
     resnet |= {f"['convs'][{i}]['kernel']": conv for i in range(4)}
     assert ars2_views(MODELS["resnet"][0]()) == resnet
+
+
+class LinenCNN(nn.Module):
+    """nn.Conv, nn.BatchNorm, nn.Dropout and nn.Dense."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        for _ in range(2):
+            x = nn.Conv(16, (3, 3))(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Dropout(0.1, deterministic=not train)(x.mean(axis=(1, 2)))
+        return nn.Dense(4)(x)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "base", "sync"])
+def test_zoo_linen_cnn_trains(optimizer_name):
+    model = LinenCNN()
+    variables = model.init(jax.random.key(0), IMAGES, train=False)
+    views = linen_matrix_views(model, IMAGES, train=False)
+    tx = {
+        "adamw": optax.adamw(1e-2),
+        "base": ars2_jax.ars2_neo(1e-2, **views),
+        "sync": ars2_jax.ars2_neo(1e-2, rho=0.05, k=1, **views),
+    }[optimizer_name]
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=tx,
+    )
+
+    def loss_fn(params, batch_stats, key):
+        logits, mutated = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            IMAGES,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
+        return loss, mutated["batch_stats"]
+
+    @jax.jit
+    def step(state, key):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, key
+        )
+        grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, state.batch_stats, key)[0]
+        extra = {"grad_fn": grad_fn} if optimizer_name == "sync" else {}
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats, **extra), loss
+
+    losses = []
+    for i in range(STEPS):
+        state, loss = step(state, jax.random.fold_in(jax.random.key(1), i))
+        losses.append(float(loss))
+    assert all(jnp.isfinite(jnp.asarray(losses)))
+    assert losses[-1] <= 0.5 * losses[0], losses

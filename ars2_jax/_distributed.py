@@ -37,10 +37,10 @@ class NewtonSchulzSharding:
     * under ``jax.jit`` with ``NamedSharding``\\ s: ``specs`` and ``mesh``; the
       optimizer sees global arrays and wraps its Newton-Schulz in a ``shard_map``.
       A dimension that its axes do not divide is moved as if replicated.
-    * inside your own ``shard_map``: ``specs`` and ``axis_names``
-      (the manual axes; devices are numbered row-major over them); the optimizer
-      sees local blocks, and SAM's norms, φ and the finiteness check are summed
-      over the axes each leaf is split over.
+    * inside your own ``shard_map`` (with ``check_vma=False``): ``specs`` and
+      ``axis_names`` (the manual axes; devices are numbered row-major over them);
+      the optimizer sees local blocks, and SAM's norms, φ and the finiteness check
+      are summed over the axes each leaf is split over.
 
     Args:
       specs: a ``PartitionSpec`` (or ``None``: replicated) per param leaf, in a

@@ -24,8 +24,9 @@ class NewtonSchulzSharding:
     owner device per matrix.
 
     Pass it as ``ns_sharding=`` to :func:`ars2_jax.ars2_neo` or
-    :func:`ars2_jax.orthogonalize_with_energy`. Each matrix leaf gets one owner
-    (:func:`ars2_jax.assign_owners`); its blocks go to the owner with one
+    :func:`ars2_jax.orthogonalize_with_energy`. Each matrix gets one owner
+    (:func:`ars2_jax.assign_owners`; the matrices of a 3-D leaf one each, unless the
+    leaf is split along its batch axis); its blocks go to the owner with one
     ``all_to_all`` for all leaves split alike, the iteration runs there with no
     collective inside, the result comes back with the reverse ``all_to_all``, and
     leaves replicated over an axis are shared with one ``all_gather`` over it. The

@@ -95,6 +95,11 @@ def test_dimensions_the_mesh_does_not_divide(report):
         assert error <= problem.TOLERANCE, f"{size} devices: one update off by {error:.2e}"
 
 
+def test_stacked_matrices_get_one_owner_each(report):
+    for size, result in report["meshes"].items():
+        assert result["stacked_flops_ratio"] == pytest.approx(1.0, abs=0.01), size
+
+
 def test_the_guide_runs_on_8_devices(report):
     jit_way, shard_map_way = report["guide"]
     assert "w1 split as P('fsdp',)" in jit_way

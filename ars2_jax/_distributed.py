@@ -24,8 +24,9 @@ class NewtonSchulzSharding:
     owner device per matrix.
 
     Pass it as ``ns_sharding=`` to :func:`ars2_jax.ars2_neo` or
-    :func:`ars2_jax.orthogonalize_with_energy`. Each matrix leaf gets one owner
-    (:func:`ars2_jax.assign_owners`); its blocks go to the owner with one
+    :func:`ars2_jax.orthogonalize_with_energy`. Each matrix gets one owner
+    (:func:`ars2_jax.assign_owners`; the matrices of a 3-D leaf one each, unless the
+    leaf is split along its batch axis); its blocks go to the owner with one
     ``all_to_all`` for all leaves split alike, the iteration runs there with no
     collective inside, the result comes back with the reverse ``all_to_all``, and
     leaves replicated over an axis are shared with one ``all_gather`` over it. The
@@ -37,10 +38,10 @@ class NewtonSchulzSharding:
     * under ``jax.jit`` with ``NamedSharding``\\ s: ``specs`` and ``mesh``; the
       optimizer sees global arrays and wraps its Newton-Schulz in a ``shard_map``.
       A dimension that its axes do not divide is moved as if replicated.
-    * inside your own ``shard_map``: ``specs`` and ``axis_names``
-      (the manual axes; devices are numbered row-major over them); the optimizer
-      sees local blocks, and SAM's norms, φ and the finiteness check are summed
-      over the axes each leaf is split over.
+    * inside your own ``shard_map`` (with ``check_vma=False``): ``specs`` and
+      ``axis_names`` (the manual axes; devices are numbered row-major over them);
+      the optimizer sees local blocks, and SAM's norms, φ and the finiteness check
+      are summed over the axes each leaf is split over.
 
     Args:
       specs: a ``PartitionSpec`` (or ``None``: replicated) per param leaf, in a

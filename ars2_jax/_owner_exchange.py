@@ -226,14 +226,6 @@ def orthogonalize_local_blocks(
         _, _, _, dimension_numbers = _view_axes(block.ndim, dimension_numbers)
         work = default_ns_dtype(block.dtype) if ns_dtype is None else jnp.dtype(ns_dtype)
         leaves.append(_Leaf(spec, block.shape, full_shape, dimension_numbers, work, 0))
-    n_devices = math.prod(sizes[a] for a in axis_names)
-    owners = assign_owners(
-        [leaf.full_shape for leaf in leaves],
-        n_devices,
-        dimension_numbers=[leaf.dimension_numbers for leaf in leaves],
-    )
-    leaves = [leaf._replace(owner=owner) for leaf, owner in zip(leaves, owners)]
-
     # Sums of squares: the whole tensor's (the energy) and each matrix's of the view.
     terms = []
     for block, leaf in zip(blocks, leaves):
@@ -251,17 +243,25 @@ def orthogonalize_local_blocks(
         for block, leaf, s in zip(blocks, leaves, sums[1::2])
     ]
 
+    units, unit_blocks, restack = _matrix_units(leaves, normalized)
+    n_devices = math.prod(sizes[a] for a in axis_names)
+    owners = assign_owners(
+        [unit.full_shape for unit in units],
+        n_devices,
+        dimension_numbers=[unit.dimension_numbers for unit in units],
+    )
+    units = [unit._replace(owner=owner) for unit, owner in zip(units, owners)]
     groups: dict[Any, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        split = tuple(a for a in axis_names if any(a in names for names in leaf.spec))
-        groups.setdefault((split, leaf.work_dtype), []).append(i)
-    directions: list[Any] = [None] * len(leaves)
+    for i, unit in enumerate(units):
+        split = tuple(a for a in axis_names if any(a in names for names in unit.spec))
+        groups.setdefault((split, unit.work_dtype), []).append(i)
+    unit_directions: list[Any] = [None] * len(units)
     for (split_axes, work_dtype), members in groups.items():
         _exchange_group(
             members,
-            leaves,
-            normalized,
-            directions,
+            units,
+            unit_blocks,
+            unit_directions,
             split_axes,
             work_dtype,
             axis_names,
@@ -270,10 +270,56 @@ def orthogonalize_local_blocks(
             steps,
             coeffs,
         )
+    directions = restack(unit_directions)
     return [
         (energy * d.astype(block.dtype)).astype(block.dtype)
         for block, energy, d in zip(blocks, energies, directions)
     ]
+
+
+def _matrix_units(leaves: list[_Leaf], blocks: list[jax.Array]):
+    """Splits leaves whose view holds several matrices (per-head kernels, layers stacked for
+    ``scan``) into one unit per matrix, each with its own owner, where the batch axes are
+    not split over devices; other leaves are one unit. Returns the units, their blocks and
+    the function that puts the units' results back into leaves."""
+    units, unit_blocks, layout = [], [], []
+    for leaf, block in zip(leaves, blocks):
+        rows, cols, batch, _ = _view_axes(block.ndim, leaf.dimension_numbers)
+        if not batch or any(leaf.spec[d] for d in batch):
+            layout.append((len(units), None))
+            units.append(leaf)
+            unit_blocks.append(block)
+            continue
+        kept = tuple(d for d in range(block.ndim) if d not in batch)
+        moved = jnp.moveaxis(block, batch, tuple(range(len(batch))))
+        flat = moved.reshape((-1, *(block.shape[d] for d in kept)))
+        unit = _Leaf(
+            tuple(leaf.spec[d] for d in kept),
+            tuple(block.shape[d] for d in kept),
+            tuple(leaf.full_shape[d] for d in kept),
+            MuonDimensionNumbers(
+                reduction_axis=tuple(kept.index(d) for d in rows),
+                output_axis=tuple(kept.index(d) for d in cols),
+            ),
+            leaf.work_dtype,
+            0,
+        )
+        layout.append((len(units), (flat.shape[0], moved.shape, batch)))
+        units += [unit] * flat.shape[0]
+        unit_blocks += list(flat)
+
+    def restack(results):
+        out = []
+        for start, split in layout:
+            if split is None:
+                out.append(results[start])
+                continue
+            count, moved_shape, batch = split
+            stacked = jnp.stack(results[start : start + count]).reshape(moved_shape)
+            out.append(jnp.moveaxis(stacked, tuple(range(len(batch))), batch))
+        return out
+
+    return units, unit_blocks, restack
 
 
 def _wire(x: jax.Array) -> jax.Array:

@@ -296,6 +296,29 @@ def run_guide() -> list[str]:
     return printed
 
 
+def stacked_flops_ratio(mesh) -> float:
+    """Matmul FLOPs of the busiest device over (one device's / N) for one leaf of
+    ``mesh.size`` stacked matrices (layers stacked for ``scan``), split along a matrix axis:
+    1.0 when every matrix has its own owner."""
+    shapes = {"stack": jax.ShapeDtypeStruct((mesh.size, 16, 32), jnp.float32)}
+    specs = {"stack": P(None, None, "fsdp")}
+
+    def flops(tx, sharding):
+        state = jax.eval_shape(tx.init, shapes)
+        args = (shapes, state, shapes)
+        if sharding is not None:
+            args = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(x)), args
+            )
+        return hlo_cost.compiled_cost(jax.jit(tx.update).lower(*args).compile()).flops
+
+    ns = ars2_jax.NewtonSchulzSharding(specs, mesh=mesh)
+    split = lambda x: NamedSharding(mesh, specs["stack"] if x.ndim == 3 else P())
+    return flops(ars2_jax.ars2_neo(ns_sharding=ns), split) / (
+        flops(ars2_jax.ars2_neo(), None) / mesh.size
+    )
+
+
 def nondivisible_error(mesh) -> float:
     """One update whose specs split dimensions the mesh does not divide (18 and 6 over 4 or
     8 devices), against one device's: those leaves travel as if replicated."""
@@ -368,6 +391,7 @@ def main() -> None:
         result["hlo"] = hlo_report(fsdp, fsdp_specs(size))
         result["bfloat16_error"] = bfloat16_update_error(two_d, two_d_specs())
         result["nondivisible_error"] = nondivisible_error(fsdp)
+        result["stacked_flops_ratio"] = stacked_flops_ratio(fsdp)
         report["meshes"][size] = result
     report["reference_sync_counts"] = {mode: reference_syncs[mode][-1] for mode in MODES}
     report["moved"] = {

@@ -95,6 +95,11 @@ def test_dimensions_the_mesh_does_not_divide(report):
         assert error <= problem.TOLERANCE, f"{size} devices: one update off by {error:.2e}"
 
 
+def test_stacked_matrices_get_one_owner_each(report):
+    for size, result in report["meshes"].items():
+        assert result["stacked_flops_ratio"] == pytest.approx(1.0, abs=0.01), size
+
+
 def test_the_guide_runs_on_8_devices(report):
     jit_way, shard_map_way = report["guide"]
     assert "w1 split as P('fsdp',)" in jit_way
@@ -241,3 +246,26 @@ def test_params_without_matrices():
     params = {"b": jnp.ones(3)}
     updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     assert updates["b"].shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_dtypes_and_custom_views_match_without_the_option(dtype):
+    from optax.contrib import MuonDimensionNumbers
+
+    rng = np.random.default_rng(3)
+    updates = {
+        "conv": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), dtype),
+        "attn": jnp.asarray(rng.standard_normal((16, 2, 8)), dtype),  # (d_model, heads, d_head)
+    }
+    dims = {"conv": None, "attn": MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))}
+    ns = ars2_jax.NewtonSchulzSharding(P(), mesh=one_device_mesh())
+    on = ars2_jax.orthogonalize_with_energy(weight_dimension_numbers=dims, ns_sharding=ns)
+    off = ars2_jax.orthogonalize_with_energy(weight_dimension_numbers=dims)
+    a, _ = jax.jit(on.update)(updates, on.init(updates))
+    b, _ = off.update(updates, off.init(updates))
+    # On one device the option does the same arithmetic in the same order: bit for bit.
+    for name in updates:
+        assert a[name].dtype == dtype
+        np.testing.assert_array_equal(
+            np.asarray(a[name], np.float32), np.asarray(b[name], np.float32)
+        )

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 
-# Coefficients of the quintic iteration, from Keller Jordan's Muon
-# (https://kellerjordan.github.io/posts/muon/); optax.contrib.muon's default.
+#: The ``(a, b, c)`` of the quintic iteration, from Keller Jordan's Muon
+#: (https://kellerjordan.github.io/posts/muon/); ``optax.contrib.muon``'s default.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-# Added to each matrix's Frobenius norm before the first normalization (SPEC: ns_eps).
+#: Added to each matrix's Frobenius norm before the first normalization (SPEC: ``ns_eps``).
 NS_EPS = 1e-7
 
 
@@ -20,6 +20,18 @@ def default_ns_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
     float32 inputs iterate in bfloat16; any other dtype (float64, bfloat16)
     iterates in its own dtype.
+
+    Args:
+      dtype: the parameters' dtype.
+
+    Returns:
+      The dtype of the iteration.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ars2_jax import default_ns_dtype
+      >>> default_ns_dtype(jnp.float32), default_ns_dtype(jnp.float64)
+      (dtype(bfloat16), dtype('float64'))
     """
     return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
 
@@ -34,6 +46,17 @@ def default_dimension_numbers(ndim: int) -> MuonDimensionNumbers:
 
     Flax's attention kernels ``(d_model, heads, head_dim)`` are not batched over
     heads by this rule; pass dimension numbers for per-head orthogonalization.
+
+    Args:
+      ndim: the tensor's number of dimensions, at least 2.
+
+    Returns:
+      The :class:`optax.contrib.MuonDimensionNumbers` of the view.
+
+    Example:
+      >>> from ars2_jax import default_dimension_numbers
+      >>> default_dimension_numbers(4)
+      MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
     """
     if ndim < 2:
         raise ValueError(f"Newton-Schulz needs ndim >= 2, got ndim={ndim}")

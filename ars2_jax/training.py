@@ -18,6 +18,8 @@ import optax
 from flax import nnx
 from flax.training import train_state
 
+__all__ = ["TrainState", "nnx_grad_fn"]
+
 
 def nnx_grad_fn(
     model: nnx.Module,

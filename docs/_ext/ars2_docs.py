@@ -1,0 +1,92 @@
+"""Local Sphinx extension of the ars2 docs.
+
+* The ``repo`` role links a file of the checkout outside ``docs/`` (a benchmark table, a
+  test, a config): ``{repo}`tests/test_readme.py``` in a guide. The build fails if the file
+  does not exist; the page links a copy of it, served with the site.
+* Type annotations name the modules where objects are defined (``optax._src.base``,
+  ``jax._src.typing``); the inventories list them under their public names. A
+  ``missing-reference`` handler retries such a reference under the public name.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from docutils import nodes
+from sphinx import addnodes
+from sphinx.application import Sphinx
+from sphinx.ext import intersphinx
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
+
+# Where an annotation's module path differs from the name the project documents.
+PUBLIC_NAMES = {
+    "optax._src.base.": "optax.",
+    "optax._src.transform.": "optax.",
+    "optax.contrib._muon.": "optax.contrib.",
+    "jax._src.typing.": "jax.typing.",
+    "jax._src.basearray.": "jax.",
+    "jax.jaxlib._jax.": "jax.",
+    "jaxlib._jax.": "jax.",
+    "jax._src.core.": "jax.",
+    "numpy.typing.": "numpy.typing.",
+    "flax.training.train_state.": "flax.training.train_state.",
+    "flax.nnx.module.": "flax.nnx.",
+    "flax.nnx.training.optimizer.": "flax.nnx.",
+    "torch.nn.parameter.": "torch.nn.",
+    "torch.nn.modules.module.": "torch.nn.",
+    "torch.optim.optimizer.": "torch.optim.",
+}
+# Short names that annotations use without a module.
+ALIASES = {
+    "Array": "jax.Array",
+    "ArrayLike": "jax.typing.ArrayLike",
+    "Tensor": "torch.Tensor",
+}
+
+
+def repo_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+    """``{repo}`path```: a file of the checkout, linked as a download of the site."""
+    env = inliner.document.settings.env
+    root = pathlib.Path(env.srcdir).parent
+    path = text.strip()
+    if not (root / path).is_file():
+        message = inliner.reporter.error(f"repo: no file {path!r} in the checkout", line=lineno)
+        return [inliner.problematic(rawtext, rawtext, message)], [message]
+    node = addnodes.download_reference(
+        rawtext,
+        "",
+        nodes.literal(path, path),
+        reftarget="/../" + path,
+        refdoc=env.docname,
+        refexplicit=True,
+    )
+    return [node], []
+
+
+def public_reference(app: Sphinx, env, node, contnode):
+    """Retry a reference to a private module path under the object's public name."""
+    target = node.get("reftarget", "")
+    candidates = [ALIASES[target]] if target in ALIASES else []
+    for private, public in PUBLIC_NAMES.items():
+        if target.startswith(private):
+            candidates.append(public + target[len(private) :])
+    for candidate in candidates:
+        node["reftarget"] = candidate
+        resolved = intersphinx.missing_reference(app, env, node, contnode)
+        if resolved is None and node.get("refdomain") == "py":
+            domain = env.get_domain("py")
+            resolved = domain.resolve_xref(
+                env, node["refdoc"], app.builder, node["reftype"], candidate, node, contnode
+            )
+        if resolved is not None:
+            return resolved
+    node["reftarget"] = target
+    return None
+
+
+def setup(app: Sphinx) -> dict:
+    app.add_role("repo", repo_role)
+    app.connect("missing-reference", public_reference, priority=400)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -144,7 +144,7 @@ def newton_schulz(
     optax does not export as a public function. Here the matrices of a batch go
     through one batched matmul per product whose inputs are in the dtype of
     SPEC §3 and whose products accumulate in at least float32 (see
-    :func:`orthogonalize_wide_matrices`).
+    ``orthogonalize_wide_matrices``).
 
     Args:
       x: an array with ``ndim >= 2``.

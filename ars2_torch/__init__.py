@@ -1,5 +1,7 @@
 """ARS2-Neo for PyTorch: the reference implementation of SPEC.md."""
 
+import importlib.metadata
+
 from ars2_torch.newton_schulz import NS_COEFFS, NS_EPS, as_matrices, default_ns_dtype, newton_schulz
 from ars2_torch.optimizer import (
     TINY,
@@ -12,6 +14,9 @@ from ars2_torch.optimizer import (
     perturbation,
     shear_force,
 )
+
+# The version is written once, in pyproject.toml.
+__version__ = importlib.metadata.version("ars2")
 
 __all__ = [
     "NS_COEFFS",

@@ -408,8 +408,11 @@ class ARS2Neo(torch.optim.Optimizer):
 
     @property
     def diagnostics(self) -> dict[str, float]:
-        """SPEC §6: ``phi``, ``phi_std``, ``threshold``, ``alpha_t``, ``sync_count``,
-        ``effective_k``, plus ``skipped_steps`` (non-finite gradients)."""
+        """The diagnostics of SPEC §6, as Python numbers.
+
+        ``phi``, ``phi_std``, ``threshold``, ``alpha_t``, ``sync_count``,
+        ``effective_k``, plus ``skipped_steps`` (non-finite gradients).
+        """
         s = self.sam_state
         return {
             "phi": s["phi"],

@@ -42,6 +42,26 @@ autodoc_default_options = {"show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# Show optax's and jax's type aliases by name, not expanded into their unions.
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "optax.Params",
+        "optax.Updates",
+        "optax.OptState",
+        "optax.ScalarOrSchedule",
+        "jax.typing.ArrayLike",
+    )
+}
+# Private type aliases of ars2_jax, shown by name in signatures; the Args sections
+# say what they hold.
+nitpick_ignore = [
+    ("py:class", "SecondMomentsFn"),
+    ("py:class", "WeightDimensionNumbers"),
+    ("py:class", "NameMap"),
+    # optax uses it in its signatures but does not document it.
+    ("py:class", "optax.ScalarOrSchedule"),
+]
 
 # Offline: every inventory is committed under docs/inventories/ (docs/building.md).
 INVENTORIES = DOCS / "inventories"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 from docutils import nodes
 from sphinx import addnodes
@@ -86,7 +87,22 @@ def public_reference(app: Sphinx, env, node, contnode):
     return None
 
 
+# Sphinx 9 prints an alias of autodoc_type_aliases inside a union (``Alias | None``)
+# as ``TypeAliasForwardRef('Alias')``.
+_FORWARD_REF = re.compile(r"TypeAliasForwardRef\('([\w.]+)'\)")
+
+
+def plain_aliases(app, what, name, obj, options, signature, return_annotation):
+    """Shows ``TypeAliasForwardRef('optax.ScalarOrSchedule')`` as the alias's name."""
+    if signature:
+        signature = _FORWARD_REF.sub(r"\1", signature)
+    if return_annotation:
+        return_annotation = _FORWARD_REF.sub(r"\1", return_annotation)
+    return signature, return_annotation
+
+
 def setup(app: Sphinx) -> dict:
     app.add_role("repo", repo_role)
+    app.connect("autodoc-process-signature", plain_aliases)
     app.connect("missing-reference", public_reference, priority=400)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -24,7 +24,7 @@ lint: $(STAMP)
 
 # The documentation site, offline and strict (docs/building.md).
 docs: $(STAMP)
-	$(PY) -m sphinx -b html -W --keep-going -n docs build/docs/html
+	$(PY) -m sphinx -b html -E -W --keep-going -n docs build/docs/html
 
 test: lint docs
 	$(PY) -m pytest -n 2 --durations=15

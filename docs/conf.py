@@ -13,7 +13,7 @@ sys.path[:0] = [str(ROOT), str(DOCS / "_ext")]
 
 project = "ars2"
 author = "the ars2 authors"
-copyright = "the ars2 authors, Apache-2.0"  # noqa: A001 (Sphinx's name)
+copyright = "the ars2 authors, Apache-2.0"
 release = importlib.metadata.version("ars2")
 version = release
 

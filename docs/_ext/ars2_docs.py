@@ -3,6 +3,9 @@
 * The ``repo`` role links a file of the checkout outside ``docs/`` (a benchmark table, a
   test, a config): ``{repo}`tests/test_readme.py``` in a guide. The build fails if the file
   does not exist; the page links a copy of it, served with the site.
+* A constant is documented by a ``#:`` comment above its assignment, in the module that
+  defines it; ``autodata`` of its re-export (``ars2_jax.NS_COEFFS``) shows that comment,
+  not the docstring of the value's type.
 * Type annotations name the modules where objects are defined (``optax._src.base``,
   ``jax._src.typing``); the inventories list them under their public names. A
   ``missing-reference`` handler retries such a reference under the public name.
@@ -10,13 +13,16 @@
 
 from __future__ import annotations
 
+import importlib
 import pathlib
+import pkgutil
 import re
 
 from docutils import nodes
 from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.ext import intersphinx
+from sphinx.pycode import ModuleAnalyzer
 from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
@@ -45,6 +51,38 @@ ALIASES = {
     "ArrayLike": "jax.typing.ArrayLike",
     "Tensor": "torch.Tensor",
 }
+
+
+def doc_comment(module_name: str, name: str) -> list[str] | None:
+    """The ``#:`` comment of constant ``name`` of ``module_name``, or ``None``.
+
+    Looked up in the module itself, then in the modules of its package that hold the
+    same object (where a re-exported constant is defined).
+    """
+    module = importlib.import_module(module_name)
+    value = getattr(module, name)
+    candidates = [module_name]
+    if hasattr(module, "__path__"):
+        submodules = pkgutil.iter_modules(module.__path__)
+        candidates += [f"{module_name}.{info.name}" for info in submodules]
+    for candidate in candidates:
+        if getattr(importlib.import_module(candidate), name, None) is not value:
+            continue
+        docs = ModuleAnalyzer.for_module(candidate).find_attr_docs()
+        if ("", name) in docs:
+            return [line for line in docs[("", name)]]
+    return None
+
+
+def constant_docstring(app, what, name, obj, options, lines):
+    """Documents a constant by its ``#:`` comment."""
+    if what != "data":
+        return
+    module_name, _, attribute = name.rpartition(".")
+    comment = doc_comment(module_name, attribute)
+    if comment is None:
+        raise ValueError(f"constant {name} has no #: doc comment above its assignment")
+    lines[:] = comment
 
 
 def repo_role(name, rawtext, text, lineno, inliner, options=None, content=None):
@@ -104,5 +142,6 @@ def plain_aliases(app, what, name, obj, options, signature, return_annotation):
 def setup(app: Sphinx) -> dict:
     app.add_role("repo", repo_role)
     app.connect("autodoc-process-signature", plain_aliases)
+    app.connect("autodoc-process-docstring", constant_docstring)
     app.connect("missing-reference", public_reference, priority=400)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,4 +1,4 @@
-"""Writes the intersphinx inventories of NumPy, JAX, optax, Flax and PyTorch under docs/inventories/.
+"""Writes the intersphinx inventories of NumPy, JAX, optax, Flax and PyTorch in this folder.
 
 The docs build runs offline, so intersphinx reads committed inventories. Python's,
 ``python.inv``, is the real one: ``objects.inv`` of Debian's ``python3.11-doc``

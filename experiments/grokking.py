@@ -303,7 +303,7 @@ def train_and_evaluate(
         if settings.out_dir is None:
             settings = dataclasses.replace(settings, out_dir=settings.resume)
     if settings.devices > 1 and settings.framework != "jax":
-        raise ValueError("devices > 1 is for the JAX path (torch: use DDP, see the README)")
+        raise ValueError("devices > 1 is for the JAX path (torch: use DDP, see docs/scaling.md)")
     if jax.process_count() > 1 and settings.devices != jax.device_count():
         raise ValueError(
             f"devices={settings.devices} must be all {jax.device_count()} devices of the "
@@ -664,7 +664,7 @@ def choose_seed_mode(config: dict[str, Any], seed_mode: str, backend: str | None
 
     ``auto`` picks ``sequential`` on CPUs, where the vmapped program was measured no
     faster for AdamW and slower for ARS2-Neo (XLA's batched matmuls run slower than
-    separate ones there; see the README's "Across seeds"), and for the delayed and
+    separate ones there; see "Across seeds" in docs/results.md), and for the delayed and
     adaptive modes of ARS2-Neo anywhere: under ``vmap`` their ``lax.cond`` becomes a
     ``select``, so every seed pays the second gradient on every step. Elsewhere
     (``backend`` defaults to JAX's) it picks ``vmap``, which fills an accelerator that

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import types
+import zlib
 
 import pytest
 
@@ -152,3 +153,37 @@ def test_sphinx_build_has_no_warning(tmp_path):
 def test_guides_are_pages_of_the_site(page):
     index = (ROOT / "docs" / "index.md").read_text()
     assert (ROOT / "docs" / f"{page}.md").is_file() and f"\n{page}\n" in index
+
+
+def test_repo_role_refuses_a_file_that_does_not_exist(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (tmp_path / "present.txt").write_text("here\n")
+    (docs / "conf.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'docs' / '_ext')!r})\n"
+        "extensions = ['myst_parser', 'ars2_docs']\n"
+    )
+    (docs / "index.md").write_text("# Page\n\n{repo}`present.txt` and {repo}`absent.txt`\n")
+    command = [sys.executable, "-m", "sphinx", "-b", "html", "-E", "-W", "-q"]
+    result = subprocess.run(
+        [*command, str(docs), str(tmp_path / "html")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "no file 'absent.txt'" in result.stderr and "present.txt" not in result.stderr
+
+
+def test_committed_inventories_are_what_generate_writes():
+    sys.path.insert(0, str(ROOT / "docs" / "inventories"))
+    import generate
+
+    for key, (_, title, objects) in generate.INVENTORIES.items():
+        committed = (ROOT / "docs" / "inventories" / f"{key}.inv").read_bytes()
+        _, body = committed.split(b"zlib.\n", 1)
+        entries = {name: (role, page, name) for name, (role, page) in objects.items()}
+        for alias, target in generate.ALIASES.get(key, {}).items():
+            entries[alias] = (*objects[target], target)
+        expected = generate.inventory(title, "any", entries).split(b"zlib.\n", 1)[1]
+        assert zlib.decompress(body) == zlib.decompress(expected), key

@@ -140,6 +140,8 @@ def plain_aliases(app, what, name, obj, options, signature, return_annotation):
 
 
 def setup(app: Sphinx) -> dict:
+    app.setup_extension("sphinx.ext.autodoc")
+    app.setup_extension("sphinx.ext.intersphinx")
     app.add_role("repo", repo_role)
     app.connect("autodoc-process-signature", plain_aliases)
     app.connect("autodoc-process-docstring", constant_docstring)

@@ -1,17 +1,20 @@
-# One command each: `make test` runs ruff and the test suite, `make grok` the main
-# experiment. Both create .venv and install the project with its extras first.
+# One command each: `make test` runs ruff, the docs build and the test suite, `make grok`
+# the main experiment. Both create .venv and install the project with its extras first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The development machines' PyTorch build; users of the `torch` extra take any torch>=2.4.
+TORCH ?= torch==2.13.0
 
-.PHONY: install test grok lint bench clean
+.PHONY: install test grok lint docs bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install '$(TORCH)'
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
@@ -19,7 +22,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The documentation site, offline and strict (docs/building.md).
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -E -W --keep-going -n docs build/docs/html
+
+test: lint docs
 	$(PY) -m pytest -n 2 --durations=15
 
 grok: $(STAMP)
@@ -29,4 +36,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.step_time $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

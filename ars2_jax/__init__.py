@@ -1,5 +1,7 @@
 """ARS2-Neo for JAX: composable Optax transformations (SPEC.md)."""
 
+import importlib.metadata
+
 from ars2_jax._alias import (
     DEFAULT_MAX_DIM,
     STATIC_ARGS,
@@ -27,6 +29,9 @@ from ars2_jax._sam import (
     sharpness_aware,
     shear_force,
 )
+
+# The version is written once, in pyproject.toml.
+__version__ = importlib.metadata.version("ars2")
 
 __all__ = [
     "DEFAULT_MAX_DIM",

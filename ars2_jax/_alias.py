@@ -22,11 +22,12 @@ from ars2_jax._sam import SecondMomentsFn, sharpness_aware
 from ars2_jax._validation import check, check_float_dtype, check_static_int
 
 TRACKS = ("ars2", "adamw")
-# Tensors with a dimension this large (embedding tables) stay on AdamW (SPEC §1).
+#: Tensors with a dimension this large (embedding tables) stay on AdamW (SPEC §1).
 DEFAULT_MAX_DIM = 10000
-# The arguments optax.inject_hyperparams must leave alone: integers that choose
-# shapes or modes, dtypes, label and dimension-number trees or functions, and
-# the axis name. Pass them as ``static_args``.
+#: The arguments ``optax.inject_hyperparams`` must leave alone: integers that choose
+#: shapes or modes, dtypes, label and dimension-number trees or functions, the
+#: axis name and the gradient transform. Pass them as ``static_args``:
+#: ``optax.inject_hyperparams(ars2_neo, static_args=STATIC_ARGS)(...)``.
 STATIC_ARGS = (
     "ns_steps",
     "ns_dtype",
@@ -41,7 +42,23 @@ STATIC_ARGS = (
 
 def default_param_labels(params: optax.Params, max_dim: int = DEFAULT_MAX_DIM) -> Any:
     """SPEC §1: ``'ars2'`` for leaves with ``ndim >= 2`` and every dimension below
-    ``max_dim``, ``'adamw'`` for the rest."""
+    ``max_dim``, ``'adamw'`` for the rest.
+
+    Args:
+      params: a tree of arrays (or of anything with a shape).
+      max_dim: leaves with a dimension of at least this size (embedding tables)
+        go to AdamW.
+
+    Returns:
+      A tree of ``'ars2'`` / ``'adamw'`` labels shaped like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ars2_jax import default_param_labels
+      >>> params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4), "embed": jnp.ones((10000, 8))}
+      >>> default_param_labels(params)
+      {'bias': 'adamw', 'embed': 'adamw', 'kernel': 'ars2'}
+    """
     return jax.tree.map(
         lambda x: "ars2" if jnp.ndim(x) >= 2 and max(jnp.shape(x)) < max_dim else "adamw",
         params,
@@ -228,7 +245,7 @@ def ars2_neo(
       ns_sharding: a :class:`ars2_jax.NewtonSchulzSharding` with specs like the
         params: Newton-Schulz runs whole on one owner device per matrix, and under
         ``shard_map`` SAM's norms and φ sum over the axes each block is split over
-        (``docs/scaling.md``). ``None``: where XLA puts it. The state is the same
+        (``docs/sharded_newton_schulz.md``). ``None``: where XLA puts it. The state is the same
         either way.
 
     Returns:

@@ -31,7 +31,7 @@ class NewtonSchulzSharding:
     collective inside, the result comes back with the reverse ``all_to_all``, and
     leaves replicated over an axis are shared with one ``all_gather`` over it. The
     energy ``‖u‖`` and the normalization are small ``psum``\\ s of partial sums.
-    See ``docs/scaling.md``.
+    See ``docs/sharded_newton_schulz.md``.
 
     Two ways to use it:
 

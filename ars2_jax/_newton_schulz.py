@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 
-# Coefficients of the quintic iteration, from Keller Jordan's Muon
-# (https://kellerjordan.github.io/posts/muon/); optax.contrib.muon's default.
+#: The ``(a, b, c)`` of the quintic iteration, from Keller Jordan's Muon
+#: (https://kellerjordan.github.io/posts/muon/); ``optax.contrib.muon``'s default.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-# Added to each matrix's Frobenius norm before the first normalization (SPEC: ns_eps).
+#: Added to each matrix's Frobenius norm before the first normalization (SPEC: ``ns_eps``).
 NS_EPS = 1e-7
 
 
@@ -20,6 +20,18 @@ def default_ns_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
     float32 inputs iterate in bfloat16; any other dtype (float64, bfloat16)
     iterates in its own dtype.
+
+    Args:
+      dtype: the parameters' dtype.
+
+    Returns:
+      The dtype of the iteration.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ars2_jax import default_ns_dtype
+      >>> default_ns_dtype(jnp.float32), default_ns_dtype(jnp.float64)
+      (dtype(bfloat16), dtype('float64'))
     """
     return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
 
@@ -148,7 +160,7 @@ def newton_schulz(
     optax does not export as a public function. Here the matrices of a batch go
     through one batched matmul per product whose inputs are in the dtype of
     SPEC §3 and whose products accumulate in at least float32 (see
-    :func:`orthogonalize_wide_matrices`).
+    ``orthogonalize_wide_matrices``).
 
     Args:
       x: an array with ``ndim >= 2``.

@@ -13,7 +13,7 @@ from optax.transforms import MaskedNode
 from ars2_jax._orthogonalize import accumulation_dtype, frobenius_norm, psum_over
 from ars2_jax._validation import check, check_static_int, concrete_float
 
-# Guards every norm and ratio against division by zero (SPEC: tiny).
+#: Guards every norm and ratio against division by zero (SPEC: ``tiny``).
 TINY = 1e-12
 
 # (nu, b2, eps): per-leaf trees, shaped like the params, of each tensor's second
@@ -24,7 +24,17 @@ SecondMomentsFn = Callable[[optax.OptState, optax.Params], SecondMoments]
 
 
 class SharpnessAwareState(NamedTuple):
-    """State of :func:`sharpness_aware`."""
+    """State of :func:`sharpness_aware`, the outermost state of :func:`ars2_neo`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import ars2_jax
+      >>> state = ars2_jax.ars2_neo(1e-2, rho=0.05, k=4).init({"w": jnp.ones((3, 2))})
+      >>> isinstance(state, ars2_jax.SharpnessAwareState), int(state.step)
+      (True, 0)
+      >>> state.shear_force["w"].shape  # kept by the delayed and adaptive modes
+      (3, 2)
+    """
 
     step: jax.Array  # shape=(), int32: steps taken (t of SPEC §5), skipped steps excluded
     last_sync: jax.Array  # shape=(), int32: the last sync step, 0 before the first
@@ -79,7 +89,28 @@ def perturbation(
     direction is zero. The direction is divided by its largest entry before its
     norm is taken: ``rho·(n/s) / (‖n/s‖ + tiny/s)`` is SPEC's ``rho·n / (‖n‖ + tiny)``,
     and stays finite when ``‖n‖²`` would overflow (on step 1 ``n = g/eps·|θ|``).
-    Under ``shard_map``, ``axes`` are those the tensor's block is split over.
+
+    Args:
+      param: the tensor ``θ``.
+      grad: its gradient ``g``.
+      nu: its second moment ``ν`` before this step's update.
+      b2: the ``β2`` of its track.
+      eps: the ``ε`` of its track.
+      rho: the SAM radius.
+      step: this step's number ``t`` (1-based).
+      axes: under ``shard_map``, the mesh axes the tensor's block is split over
+        (its norms are summed over them); ``()`` otherwise.
+
+    Returns:
+      ``e``, shaped and typed like ``param``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ars2_jax import perturbation
+      >>> e = perturbation(jnp.ones((2, 2)), jnp.array([[1.0, -2.0], [0.5, 0.0]]),
+      ...                  nu=jnp.full((2, 2), 0.5), b2=0.999, eps=1e-8, rho=0.05, step=3)
+      >>> round(float(jnp.linalg.norm(e)), 6)
+      0.05
     """
     bias = 1 - b2 ** jnp.maximum(1, step - 1) + TINY
     v_hat_prev = nu / bias
@@ -99,7 +130,21 @@ def shear_force(adversarial_grad: jax.Array, grad: jax.Array, axes: Any = ()) ->
     Computed from ``Δ = g_adv − g`` as ``Δ − (⟨Δ, g⟩ / (‖g‖² + tiny))·g``: the same
     vector as SPEC's ``g_adv − (⟨g_adv, g⟩ / (‖g‖² + tiny))·g`` up to
     ``tiny/(‖g‖² + tiny)·g``, without the cancellation that costs the SPEC form
-    its low-order digits in float32 when ``g_adv ≈ g``. ``axes``: see :func:`perturbation`.
+    its low-order digits in float32 when ``g_adv ≈ g``.
+
+    Args:
+      adversarial_grad: the gradient at the perturbed point, ``g_adv``.
+      grad: the gradient at ``θ``, ``g``.
+      axes: see :func:`perturbation`.
+
+    Returns:
+      The shear force ``v``, shaped and typed like ``grad``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ars2_jax import shear_force
+      >>> shear_force(jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0]))
+      Array([0., 1.], dtype=float32)
     """
     delta = adversarial_grad - grad
     coef = _dot(delta, grad, axes) / (_dot(grad, grad, axes) + TINY)
@@ -109,17 +154,49 @@ def shear_force(adversarial_grad: jax.Array, grad: jax.Array, axes: Any = ()) ->
 def inject_shear(
     grad: jax.Array, shear: jax.Array, alpha_t: jax.Array, axes: Any = ()
 ) -> jax.Array:
-    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear`` (SPEC §5.3); ``axes``: see :func:`perturbation`."""
+    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear``: the cached shear on a non-sync step (SPEC §5.3).
+
+    Args:
+      grad: this step's gradient ``g``.
+      shear: the cached shear force ``v_shear``.
+      alpha_t: the shear strength.
+      axes: see :func:`perturbation`.
+
+    Returns:
+      The gradient handed to the inner transformation, typed like ``grad``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ars2_jax import inject_shear
+      >>> inject_shear(jnp.array([3.0, 4.0]), jnp.array([0.0, 2.0]), alpha_t=0.1)
+      Array([3. , 4.5], dtype=float32)
+    """
     scale = frobenius_norm(grad, axes) / (frobenius_norm(shear, axes) + TINY)
     return (grad + alpha_t * scale * shear).astype(grad.dtype)
 
 
 def adam_second_moments(b2: float, eps: float) -> SecondMomentsFn:
-    """The :data:`SecondMomentsFn` of an inner transformation holding one Adam state.
+    """The ``second_moments`` function of an inner transformation holding one Adam state.
 
     For example ``optax.adam`` or ``optax.chain(optax.scale_by_adam(), ...)``; every
     leaf shares ``b2`` and ``eps``. :func:`ars2_jax.ars2_neo` builds its own accessor
     for its two tracks.
+
+    Args:
+      b2: the inner Adam's ``β2``.
+      eps: the inner Adam's ``ε``.
+
+    Returns:
+      ``second_moments(inner_state, params) -> (nu, b2, eps)``, three trees shaped
+      like ``params``, as :func:`sharpness_aware` takes it.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from ars2_jax import adam_second_moments
+      >>> params = {"w": jnp.ones((2, 3))}
+      >>> nu, b2, eps = adam_second_moments(0.999, 1e-8)(optax.adam(1e-2).init(params), params)
+      >>> nu["w"].shape, b2["w"], eps["w"]
+      ((2, 3), 0.999, 1e-08)
     """
 
     def second_moments(inner_state, params):
@@ -515,6 +592,26 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
     ``phi``, ``phi_std``, ``threshold``, ``alpha_t``, ``sync_count``,
     ``effective_k = step / max(1, sync_count)``, plus ``step`` and ``skipped_steps``.
     Works on the state of ``optax.inject_hyperparams(ars2_neo)`` or of a chain too.
+
+    Args:
+      state: an optimizer state holding one :class:`SharpnessAwareState`.
+
+    Returns:
+      A dict of scalar arrays.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import ars2_jax
+      >>> tx = ars2_jax.ars2_neo(1e-2, rho=0.05, k=2)
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+      >>> state = tx.init(params)
+      >>> grad_fn = jax.grad(loss)
+      >>> for _ in range(3):
+      ...     updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+      >>> stats = ars2_jax.diagnostics(state)
+      >>> int(stats["step"]), int(stats["sync_count"]), float(stats["effective_k"])
+      (3, 2, 1.5)
     """
     sam = find_sam_state(state)
     # jnp.asarray unwraps the Variables of an nnx.Optimizer's state.

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["all_steps", "restore", "save"]
+
 MANIFEST_FORMAT = "ars2_jax.checkpoint"
 MANIFEST_VERSION = 1
 # Mismatches listed in full before the error message says "and N more".
@@ -172,8 +174,23 @@ def save(
 def all_steps(directory: str | os.PathLike) -> list[int]:
     """The steps of the complete checkpoints in ``directory``, in increasing order.
 
+    Args:
+      directory: a directory written by :func:`save`.
+
+    Returns:
+      The steps, increasing.
+
     Raises:
       FileNotFoundError: ``directory`` does not exist.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> from ars2_jax import checkpoint
+      >>> directory = tempfile.mkdtemp()
+      >>> for epoch in (1, 2, 3):
+      ...     checkpoint.save(directory, {"w": jnp.ones(2) * epoch}, step=epoch, keep=2)
+      >>> checkpoint.all_steps(directory)
+      [2, 3]
     """
     directory = _absolute(directory)
     if not directory.is_dir():
@@ -277,6 +294,24 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None)
         every path whose presence, shape or dtype differs: a leaf of another
         shape, or a ``shear_force`` of another SAM mode), or it is truncated or
         corrupt (it names the checkpoint and, for a bad checksum, the leaf).
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> import ars2_jax
+      >>> from ars2_jax import checkpoint
+      >>> tx = ars2_jax.ars2_neo(1e-2, rho=0.05, k=4)
+      >>> fresh = lambda: {"params": {"w": jnp.zeros((3, 2))}, "epoch": 0}
+      >>> state = fresh()
+      >>> state["params"]["w"] = jnp.arange(6.0).reshape(3, 2)
+      >>> state["epoch"] = 7
+      >>> state["opt_state"] = tx.init(state["params"])
+      >>> directory = tempfile.mkdtemp()
+      >>> checkpoint.save(directory, state, step=7)
+      >>> like = fresh()
+      >>> like["opt_state"] = tx.init(like["params"])
+      >>> restored = checkpoint.restore(directory, like)
+      >>> restored["epoch"], restored["params"]["w"].tolist()
+      (7, [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
     """
     ocp = _orbax()
     directory = _absolute(directory)

@@ -57,6 +57,9 @@ import optax
 
 from ars2_jax._sam import SharpnessAwareState, find_sam_state
 
+__all__ = ["LAYOUTS", "jax_to_torch", "to_jax_layout", "to_torch_layout", "torch_to_jax"]
+
+#: The layouts of a name map's entries (the module's docstring describes them).
 LAYOUTS = ("linear", "conv", "same")
 
 # torch parameter name -> (JAX params path, layout), as a mapping or a function.
@@ -67,7 +70,21 @@ _SAM_FLOATS = ("phi", "phi_var", "threshold", "alpha_t")
 
 
 def to_jax_layout(array: Any, layout: str) -> Any:
-    """A torch-layout array (NumPy or JAX) in the Flax layout (SPEC §2)."""
+    """A torch-layout array (NumPy or JAX) in the Flax layout (SPEC §2).
+
+    Args:
+      array: the array in torch's layout.
+      layout: one of :data:`LAYOUTS`.
+
+    Returns:
+      The array in Flax's layout.
+
+    Example:
+      >>> import numpy as np
+      >>> from ars2_jax.convert import to_jax_layout
+      >>> to_jax_layout(np.zeros((16, 3, 5, 5)), "conv").shape   # (out, in, kh, kw)
+      (5, 5, 3, 16)
+    """
     _check_layout(layout, np.ndim(array))
     if layout == "linear":
         return array.T
@@ -78,7 +95,21 @@ def to_jax_layout(array: Any, layout: str) -> Any:
 
 
 def to_torch_layout(array: Any, layout: str) -> Any:
-    """A Flax-layout array (NumPy or JAX) in the torch layout: inverts :func:`to_jax_layout`."""
+    """A Flax-layout array (NumPy or JAX) in the torch layout: inverts :func:`to_jax_layout`.
+
+    Args:
+      array: the array in Flax's layout.
+      layout: one of :data:`LAYOUTS`.
+
+    Returns:
+      The array in torch's layout.
+
+    Example:
+      >>> import numpy as np
+      >>> from ars2_jax.convert import to_torch_layout
+      >>> to_torch_layout(np.zeros((5, 5, 3, 16)), "conv").shape   # (kh, kw, in, out)
+      (16, 3, 5, 5)
+    """
     _check_layout(layout, np.ndim(array))
     if layout == "linear":
         return array.T
@@ -266,6 +297,28 @@ def torch_to_jax(
     Raises:
       ValueError: the per-tensor step counts differ (the message lists them), the
         name map or the shapes do not match, or the SAM modes differ.
+
+    Example:
+      >>> import jax.numpy as jnp, torch
+      >>> import ars2_jax
+      >>> from ars2_jax import convert
+      >>> from ars2_torch import ARS2Neo
+      >>> model = torch.nn.Linear(4, 3)
+      >>> opt = ARS2Neo(model.parameters(), lr=1e-2, rho=0.05, k=1)
+      >>> def closure():
+      ...     loss = model(torch.ones(2, 4)).square().mean()
+      ...     loss.backward()
+      ...     return loss
+      >>> opt.zero_grad(); _ = opt.step(closure)
+      >>> params = {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}
+      >>> tx = ars2_jax.ars2_neo(1e-2, rho=0.05, k=1)
+      >>> name_map = {"weight": ("kernel", "linear"), "bias": ("bias", "same")}
+      >>> params, opt_state = convert.torch_to_jax(
+      ...     model, opt, params_like=params, opt_state_like=tx.init(params), name_map=name_map)
+      >>> bool(jnp.all(params["kernel"] == jnp.asarray(model.weight.detach().numpy().T)))
+      True
+      >>> int(ars2_jax.diagnostics(opt_state)["step"])
+      1
     """
     named = _named_parameters(parameters)
     jax_leaves = _paths(params_like)
@@ -350,6 +403,23 @@ def jax_to_torch(
     Raises:
       ValueError: the name map or the shapes do not match, the SAM modes differ,
         or the state's step counts disagree.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, torch
+      >>> import ars2_jax
+      >>> from ars2_jax import convert
+      >>> from ars2_torch import ARS2Neo
+      >>> tx = ars2_jax.ars2_neo(1e-2)
+      >>> params = {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+      >>> loss = lambda p: jnp.sum((jnp.ones((2, 4)) @ p["kernel"] + p["bias"]) ** 2)
+      >>> opt_state = tx.init(params)
+      >>> updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+      >>> model = torch.nn.Linear(4, 3)
+      >>> opt = ARS2Neo(model.parameters(), lr=1e-2)
+      >>> name_map = {"weight": ("kernel", "linear"), "bias": ("bias", "same")}
+      >>> convert.jax_to_torch(params, opt_state, model, opt, name_map=name_map)
+      >>> tuple(model.weight.shape), bool(torch.all(model.weight == 1))
+      ((3, 4), True)
     """
     import torch
 

@@ -1,5 +1,7 @@
 """ARS2-Neo for PyTorch: the reference implementation of SPEC.md."""
 
+import importlib.metadata
+
 from ars2_torch.closure import SAMClosure, sam_closure
 from ars2_torch.model_groups import model_param_groups
 from ars2_torch.newton_schulz import NS_COEFFS, NS_EPS, as_matrices, default_ns_dtype, newton_schulz
@@ -14,6 +16,9 @@ from ars2_torch.optimizer import (
     perturbation,
     shear_force,
 )
+
+# The version is written once, in pyproject.toml.
+__version__ = importlib.metadata.version("ars2")
 
 __all__ = [
     "NS_COEFFS",

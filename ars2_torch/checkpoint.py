@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["all_steps", "load", "save", "save_step"]
+
 CHECKPOINT_NAME = "checkpoint_{step:08d}.pt"
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt")
 _TEMPORARY = re.compile(r"\.checkpoint_\d+\.pt\..*\.tmp")
@@ -95,8 +97,23 @@ def save(path: str | os.PathLike, /, **objects: Any) -> pathlib.Path:
 def all_steps(directory: str | os.PathLike) -> list[int]:
     """The steps of the checkpoints :func:`save_step` wrote in ``directory``, increasing.
 
+    Args:
+      directory: a directory written by :func:`save_step`.
+
+    Returns:
+      The steps, increasing.
+
     Raises:
       FileNotFoundError: ``directory`` does not exist.
+
+    Example:
+      >>> import tempfile, torch
+      >>> from ars2_torch import checkpoint
+      >>> directory = tempfile.mkdtemp()
+      >>> for epoch in (1, 2, 3):
+      ...     _ = checkpoint.save_step(directory, epoch, keep=2, weights=torch.ones(2) * epoch)
+      >>> checkpoint.all_steps(directory)
+      [2, 3]
     """
     directory = pathlib.Path(directory)
     if not directory.is_dir():
@@ -124,6 +141,15 @@ def save_step(
 
     Returns:
       The path written.
+
+    Example:
+      >>> import tempfile, torch
+      >>> from ars2_torch import ARS2Neo, checkpoint
+      >>> model = torch.nn.Linear(3, 2)
+      >>> opt = ARS2Neo(model.parameters(), lr=1e-2)
+      >>> directory = tempfile.mkdtemp()
+      >>> checkpoint.save_step(directory, 10, model=model, optimizer=opt, epoch=10).name
+      'checkpoint_00000010.pt'
     """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step={step!r} must be a non-negative integer")
@@ -189,6 +215,15 @@ def load(
       FileNotFoundError: the file or directory does not exist, the directory holds
         no checkpoint, or not the requested ``step``.
       ValueError: the file is truncated or corrupt.
+
+    Example:
+      >>> import tempfile, torch
+      >>> from ars2_torch import checkpoint
+      >>> directory = tempfile.mkdtemp()
+      >>> for epoch in (1, 2):
+      ...     _ = checkpoint.save_step(directory, epoch, weights=torch.full((2,), float(epoch)))
+      >>> checkpoint.load(directory)["weights"], checkpoint.load(directory, step=1)["weights"]
+      (tensor([2., 2.]), tensor([1., 1.]))
     """
     path = pathlib.Path(path)
     if path.is_dir():

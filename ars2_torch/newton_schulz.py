@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-# Coefficients of the quintic iteration, from Keller Jordan's Muon
-# (https://kellerjordan.github.io/posts/muon/), the same as torch.optim.Muon.
+#: The ``(a, b, c)`` of the quintic iteration, from Keller Jordan's Muon
+#: (https://kellerjordan.github.io/posts/muon/), the same as ``torch.optim.Muon``'s.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-# Added to the Frobenius norm before the first normalization (SPEC: ns_eps).
+#: Added to the Frobenius norm before the first normalization (SPEC: ``ns_eps``).
 NS_EPS = 1e-7
 
 
@@ -16,6 +16,18 @@ def default_ns_dtype(dtype: torch.dtype) -> torch.dtype:
 
     float32 inputs iterate in bfloat16; any other dtype (float64, bfloat16,
     float16) iterates in its own dtype.
+
+    Args:
+      dtype: the parameter's dtype.
+
+    Returns:
+      The dtype of the iteration.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import default_ns_dtype
+      >>> default_ns_dtype(torch.float32), default_ns_dtype(torch.float64)
+      (torch.bfloat16, torch.float64)
     """
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
@@ -123,6 +135,14 @@ def newton_schulz(
 
     Returns:
       A tensor of ``x``'s shape and dtype.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import newton_schulz
+      >>> o = newton_schulz(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)),
+      ...                   dtype=torch.float32)
+      >>> bool(torch.all((torch.linalg.svdvals(o) - 1).abs() < 0.33))
+      True
     """
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")

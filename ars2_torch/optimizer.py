@@ -14,7 +14,7 @@ from torch import nn
 
 from ars2_torch.newton_schulz import _check_block_counts, _check_blocks, newton_schulz
 
-# Guards every norm and ratio against division by zero (SPEC: tiny).
+#: Guards every norm and ratio against division by zero (SPEC: ``tiny``).
 TINY = 1e-12
 # Tensors with a dimension this large (embedding tables) stay on AdamW (SPEC §1).
 DEFAULT_MAX_DIM = 10000
@@ -32,7 +32,21 @@ SAM_SETTINGS = (
 
 
 def is_ars2_tensor(param: torch.Tensor, max_dim: int = DEFAULT_MAX_DIM) -> bool:
-    """The routing rule of SPEC §1: ``ndim >= 2`` and every dimension below ``max_dim``."""
+    """The routing rule of SPEC §1: ``ndim >= 2`` and every dimension below ``max_dim``.
+
+    Args:
+      param: a parameter.
+      max_dim: tensors with a dimension of at least this size go to AdamW.
+
+    Returns:
+      Whether ``param`` belongs on the ARS2 track.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import is_ars2_tensor
+      >>> [is_ars2_tensor(torch.zeros(shape)) for shape in [(4, 3), (3,), (10000, 8)]]
+      [True, False, False]
+    """
     return param.ndim >= 2 and max(param.shape) < max_dim
 
 
@@ -51,6 +65,13 @@ def ars2_param_groups(
       ``[{'params': [...], 'ars2': True}, {'params': [...], 'ars2': False}]``,
       leaving out a group that would be empty. Add per-group keys (``lr``,
       ``betas``, ``weight_decay``, ...) before handing them to :class:`ARS2Neo`.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import ars2_param_groups
+      >>> groups = ars2_param_groups(torch.nn.Linear(4, 3))
+      >>> [(group["ars2"], [tuple(p.shape) for p in group["params"]]) for group in groups]
+      [(True, [(3, 4)]), (False, [(3,)])]
     """
     params = (
         model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
@@ -83,6 +104,26 @@ def perturbation(
     direction is divided by its largest entry before its norm is taken:
     ``rho·(n/s) / (‖n/s‖ + tiny/s)`` is SPEC's ``rho·n / (‖n‖ + tiny)``, and stays
     finite when ``‖n‖²`` would overflow (on step 1 ``n = g/eps·|θ|``).
+
+    Args:
+      param: the tensor ``θ``.
+      grad: its gradient ``g``.
+      exp_avg_sq: its second moment before this step's update, or ``None``.
+      beta2: the ``β2`` of its group.
+      eps: the ``eps`` of its group.
+      rho: the SAM radius.
+      step: this step's number ``t`` (1-based).
+
+    Returns:
+      ``e``, shaped like ``param``.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import perturbation
+      >>> e = perturbation(torch.ones(2, 2), torch.tensor([[1.0, -2.0], [0.5, 0.0]]),
+      ...                  torch.full((2, 2), 0.5), beta2=0.999, eps=1e-8, rho=0.05, step=3)
+      >>> round(torch.linalg.vector_norm(e).item(), 6)
+      0.05
     """
     if exp_avg_sq is None:
         exp_avg_sq = torch.zeros_like(grad)
@@ -101,6 +142,19 @@ def shear_force(adversarial_grad: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     vector as SPEC's ``g_adv − (⟨g_adv, g⟩ / (‖g‖² + tiny))·g`` up to
     ``tiny/(‖g‖² + tiny)·g``, without the cancellation that costs the SPEC form
     its low-order digits in float32 when ``g_adv ≈ g``.
+
+    Args:
+      adversarial_grad: the gradient at the perturbed point, ``g_adv``.
+      grad: the gradient at ``θ``, ``g``.
+
+    Returns:
+      The shear force ``v``, shaped like ``grad``.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import shear_force
+      >>> shear_force(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]))
+      tensor([0., 1.])
     """
     delta = adversarial_grad - grad
     coef = torch.sum(delta * grad) / (torch.sum(grad * grad) + TINY)
@@ -108,7 +162,22 @@ def shear_force(adversarial_grad: torch.Tensor, grad: torch.Tensor) -> torch.Ten
 
 
 def inject_shear(grad: torch.Tensor, shear: torch.Tensor, alpha_t: float) -> torch.Tensor:
-    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear``: the cached shear on a non-sync step (SPEC §5.3)."""
+    """``g + α_t · ‖g‖ / ‖v_shear‖ · v_shear``: the cached shear on a non-sync step (SPEC §5.3).
+
+    Args:
+      grad: this step's gradient ``g``.
+      shear: the cached shear force ``v_shear``.
+      alpha_t: the shear strength.
+
+    Returns:
+      The gradient the step uses.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import inject_shear
+      >>> inject_shear(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0]), alpha_t=0.1)
+      tensor([3.0000, 4.5000])
+    """
     scale = torch.linalg.vector_norm(grad) / (torch.linalg.vector_norm(shear) + TINY)
     return grad + alpha_t * scale * shear
 
@@ -121,7 +190,28 @@ def _update_moments(state: dict, grad: torch.Tensor, beta1: float, beta2: float)
 
 
 def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-    """One ARS2-track step of one tensor (SPEC §2): ``θ ← θ(1 − lr·wd) − lr·‖u‖·NS(u)``."""
+    """One ARS2-track step of one tensor (SPEC §2): ``θ ← θ(1 − lr·wd) − lr·‖u‖·NS(u)``.
+
+    ``u = m̂ / (√v̂ + eps)`` from the moments after this step's update.
+
+    Args:
+      param: the tensor, updated in place.
+      grad: its gradient.
+      state: its state, ``step``, ``exp_avg`` and ``exp_avg_sq``, updated in place.
+      group: its param group: ``lr``, ``betas``, ``eps``, ``weight_decay``,
+        ``ns_steps``, ``ns_dtype``.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import ars2_update
+      >>> param, grad = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+      >>> state = {"step": 0, "exp_avg": torch.zeros(2, 2), "exp_avg_sq": torch.zeros(2, 2)}
+      >>> group = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ns_steps=5,
+      ...              ns_dtype=torch.float32)
+      >>> ars2_update(param, grad, state, group)
+      >>> state["step"], param.diagonal().round(decimals=2)
+      (1, tensor([0.8400, 1.1600]))
+    """
     beta1, beta2 = group["betas"]
     _update_moments(state, grad, beta1, beta2)
     step = state["step"]
@@ -142,7 +232,24 @@ def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
 
 
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-    """One AdamW-track step of one tensor (SPEC §4), written as ``torch.optim.AdamW`` writes it."""
+    """One AdamW-track step of one tensor (SPEC §4), written as ``torch.optim.AdamW`` writes it.
+
+    Args:
+      param: the tensor, updated in place.
+      grad: its gradient.
+      state: its state, ``step``, ``exp_avg`` and ``exp_avg_sq``, updated in place.
+      group: its param group: ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+    Example:
+      >>> import torch
+      >>> from ars2_torch import adamw_update
+      >>> param, grad = torch.ones(2), torch.tensor([0.5, -2.0])
+      >>> state = {"step": 0, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+      >>> group = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+      >>> adamw_update(param, grad, state, group)
+      >>> param
+      tensor([0.9000, 1.1000])
+    """
     beta1, beta2 = group["betas"]
     lr = group["lr"]
     param.mul_(1 - lr * group["weight_decay"])
@@ -219,7 +326,7 @@ class ARS2Neo(torch.optim.Optimizer):
     every constructor argument is in ``opt.defaults``; the SAM settings live
     there only, never in ``param_groups`` (they are global, and a group that sets
     one is refused), and :attr:`sam` reads them. ``copy.deepcopy`` and pickle
-    keep them and the SAM step state (:attr:`sam_state`). :meth:`state_dict` adds
+    keep them and the SAM step state (``sam_state``). ``state_dict()`` adds
     an ``'ars2'`` entry before the state-dict post hooks run; load pre hooks see
     it and load post hooks see the restored SAM state. Parameters on the
     ``meta`` device step in the base, sync and delayed modes (the adaptive
@@ -362,8 +469,11 @@ class ARS2Neo(torch.optim.Optimizer):
 
     @property
     def diagnostics(self) -> dict[str, float]:
-        """SPEC §6: ``phi``, ``phi_std``, ``threshold``, ``alpha_t``, ``sync_count``,
-        ``effective_k``, plus ``skipped_steps`` (non-finite gradients)."""
+        """The diagnostics of SPEC §6, as Python numbers.
+
+        ``phi``, ``phi_std``, ``threshold``, ``alpha_t``, ``sync_count``,
+        ``effective_k``, plus ``skipped_steps`` (non-finite gradients).
+        """
         s = self.sam_state
         return {
             "phi": s["phi"],

@@ -303,7 +303,7 @@ def train_and_evaluate(
         if settings.out_dir is None:
             settings = dataclasses.replace(settings, out_dir=settings.resume)
     if settings.devices > 1 and settings.framework != "jax":
-        raise ValueError("devices > 1 is for the JAX path (torch: use DDP, see the README)")
+        raise ValueError("devices > 1 is for the JAX path (torch: use DDP, see docs/scaling.md)")
     if jax.process_count() > 1 and settings.devices != jax.device_count():
         raise ValueError(
             f"devices={settings.devices} must be all {jax.device_count()} devices of the "

@@ -113,7 +113,7 @@ def choose_seed_mode(config: dict[str, Any], seed_mode: str, backend: str | None
 
     ``auto`` picks ``sequential`` on CPUs, where the vmapped program was measured no
     faster for AdamW and slower for ARS2-Neo (XLA's batched matmuls run slower than
-    separate ones there; see the README's "Across seeds"), and for the delayed and
+    separate ones there; see "Across seeds" in docs/results.md), and for the delayed and
     adaptive modes of ARS2-Neo anywhere: under ``vmap`` their ``lax.cond`` becomes a
     ``select``, so every seed pays the second gradient on every step. Elsewhere
     (``backend`` defaults to JAX's) it picks ``vmap``, which fills an accelerator that

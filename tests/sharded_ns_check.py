@@ -280,18 +280,18 @@ def bfloat16_update_error(mesh, specs) -> float:
 
 
 def run_guide() -> list[str]:
-    """Runs every ```python block of docs/scaling.md on all the devices; returns what they print."""
+    """Runs every ```python block of docs/sharded_newton_schulz.md on all the devices; returns what they print."""
     import contextlib
     import io
     import pathlib
     import re
 
-    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "sharded_newton_schulz.md"
     printed = []
     for index, code in enumerate(re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(code, f"docs/scaling.md block {index}", "exec"), {"__name__": "guide"})
+            exec(compile(code, f"docs/sharded_newton_schulz.md block {index}", "exec"), {"__name__": "guide"})
         printed.append(out.getvalue())
     return printed
 

@@ -1,4 +1,4 @@
-"""Every ```python block of the README and of the guides in docs/ runs.
+"""Every ```python block of the README and of the guides in docs/ (subfolders too) runs.
 
 Blocks fenced as ```py are shown, not run (a `torchrun` launch, for instance).
 docs/SPEC.md is the contract, whose blocks are signatures rather than programs.
@@ -12,7 +12,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GUIDES = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "SPEC.md")
+GUIDES = sorted(p for p in (ROOT / "docs").rglob("*.md") if p.name != "SPEC.md")
 PAGES = [ROOT / "README.md", *GUIDES]
 BLOCKS = [
     (page.relative_to(ROOT).as_posix(), index, code)
@@ -23,7 +23,12 @@ BLOCKS = [
 
 def test_every_guide_has_runnable_examples():
     pages = {page for page, _, _ in BLOCKS}
-    assert {"README.md", "docs/checkpoints.md"} <= pages
+    assert {"README.md", "docs/api_guide.md", "docs/checkpoints.md", "docs/scaling.md"} <= pages
+
+
+def test_guides_in_subfolders_are_read():
+    nested = sorted((ROOT / "docs").glob("*/*.md"))  # docs/experiments/ among them
+    assert nested and all(page in GUIDES for page in nested)
 
 
 @pytest.mark.parametrize(

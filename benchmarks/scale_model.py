@@ -1,6 +1,6 @@
 """On paper: ARS2-Neo's Newton-Schulz time per step at scale, three ways.
 
-    python -m benchmarks.scale_model            # prints the markdown table of docs/sharded_newton_schulz.md
+    python -m benchmarks.scale_model    # the markdown table of docs/sharded_newton_schulz.md
 
 For GPT-2-small (12 blocks, d_model 768) and a 1.3B GPT (24 blocks, d_model 2048, MLP
 8192) on 8 and 64 devices, the optimizer's Newton-Schulz time per step is modelled as

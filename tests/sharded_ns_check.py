@@ -280,7 +280,10 @@ def bfloat16_update_error(mesh, specs) -> float:
 
 
 def run_guide() -> list[str]:
-    """Runs every ```python block of docs/sharded_newton_schulz.md on all the devices; returns what they print."""
+    """Runs every ```python block of docs/sharded_newton_schulz.md on all the devices.
+
+    Returns what each block prints.
+    """
     import contextlib
     import io
     import pathlib
@@ -291,7 +294,8 @@ def run_guide() -> list[str]:
     for index, code in enumerate(re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(code, f"docs/sharded_newton_schulz.md block {index}", "exec"), {"__name__": "guide"})
+            name = f"docs/sharded_newton_schulz.md block {index}"
+            exec(compile(code, name, "exec"), {"__name__": "guide"})
         printed.append(out.getvalue())
     return printed
 

@@ -182,9 +182,35 @@ def inject_shear(grad: torch.Tensor, shear: torch.Tensor, alpha_t: float) -> tor
     return grad + alpha_t * scale * shear
 
 
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim.AdamW's dtype for its tensor step counters (whole numbers, exact
+    # up to 2**24 in float32).
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _step_count(step: torch.Tensor | int) -> torch.Tensor | float | int:
+    """The step counter ``t`` for the bias corrections ``1 - β**t``.
+
+    Eagerly a Python number, so that ``β**t`` rounds as it always has. Under
+    ``torch.compile`` the counter itself in float64, as ``torch.optim.AdamW`` keeps
+    its tensor there (``.item()`` would break the graph), and float64 so that
+    ``1 - β2**t`` does not lose the digits float32 would.
+    """
+    if not torch.is_tensor(step):
+        return step
+    if torch.compiler.is_compiling():
+        return step.double()
+    return step.item()
+
+
 def _update_moments(state: dict, grad: torch.Tensor, beta1: float, beta2: float) -> None:
     # The same moment arithmetic as torch.optim.AdamW, on both tracks.
-    state["step"] += 1
+    if torch.is_tensor(state["step"]):
+        # In place, as AdamW's: a new tensor stored back into the dict would make
+        # torch.compile recompile the step.
+        state["step"].add_(1)
+    else:
+        state["step"] += 1
     state["exp_avg"].lerp_(grad, 1 - beta1)
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
@@ -214,7 +240,7 @@ def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     """
     beta1, beta2 = group["betas"]
     _update_moments(state, grad, beta1, beta2)
-    step = state["step"]
+    step = _step_count(state["step"])
     m_hat = state["exp_avg"] / (1 - beta1**step)
     v_hat = state["exp_avg_sq"] / (1 - beta2**step)
     u = m_hat / (v_hat.sqrt() + group["eps"])
@@ -254,9 +280,13 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: di
     lr = group["lr"]
     param.mul_(1 - lr * group["weight_decay"])
     _update_moments(state, grad, beta1, beta2)
-    step = state["step"]
+    step = _step_count(state["step"])
     step_size = lr / (1 - beta1**step)
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+    bias_correction2 = 1 - beta2**step
+    bias_correction2_sqrt = (
+        bias_correction2.sqrt() if torch.is_tensor(bias_correction2) else math.sqrt(bias_correction2)
+    )
+    denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
     param.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
 
@@ -554,10 +584,34 @@ class ARS2Neo(torch.optim.Optimizer):
     def _track_is_ars2(self, group: dict, param: torch.Tensor) -> bool:
         return is_ars2_tensor(param) if group["ars2"] is None else group["ars2"]
 
+    @torch.compiler.disable
+    def _init_states(self, params: list[torch.Tensor]) -> None:
+        """Creates the state of each of ``params`` that has none yet.
+
+        Outside ``torch.compile``'s graph: the rest of the step is then traced with
+        the states in place, and is not compiled again on step 2 when they exist
+        (``torch.optim.AdamW`` gets the same from dynamo running its ``_init_group``
+        outside the graph).
+        """
+        for param in params:
+            self._state(param)
+
+    @torch.compiler.disable
+    def _count_step(self, scalars: dict, sync: bool) -> None:
+        # Outside torch.compile's graph, so that the Python counters, which change
+        # every step, are not compiled in (a recompilation on step 2).
+        t = self.sam_state["step"] + 1
+        self.sam_state.update(scalars, step=t)
+        if sync:
+            self.sam_state["last_sync"] = t
+            self.sam_state["sync_count"] += 1
+
     def _state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
         if not state:
-            state["step"] = 0
+            # A tensor, as torch.optim.AdamW's: a Python int would be compiled
+            # into the graph and recompiled when it changes.
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
@@ -649,9 +703,11 @@ class ARS2Neo(torch.optim.Optimizer):
             self.sam_state["skipped_steps"] += 1
             return loss
 
-        t = self.sam_state["step"] + 1
         sam = self.sam
-        sync, scalars = self._decide(entries, t) if self.sam_enabled else (False, {})
+        sync, scalars, t = False, {}, None
+        if self.sam_enabled:
+            t = self.sam_state["step"] + 1
+            sync, scalars = self._decide(entries, t)
         keeps_shear = sam["k"] > 1 or sam["adaptive"]
         new_shear = {}
         if sync:
@@ -673,6 +729,7 @@ class ARS2Neo(torch.optim.Optimizer):
         else:
             grads = [grad for _, _, grad in entries]
 
+        self._init_states([param for param, _, _ in entries])
         for (param, group, _), grad in zip(entries, grads):
             state = self._state(param)
             update = ars2_update if self._track_is_ars2(group, param) else adamw_update
@@ -680,10 +737,7 @@ class ARS2Neo(torch.optim.Optimizer):
             if param in new_shear:
                 state["shear_force"] = new_shear[param]
 
-        self.sam_state.update(scalars, step=t)
-        if sync:
-            self.sam_state["last_sync"] = t
-            self.sam_state["sync_count"] += 1
+        self._count_step(scalars, sync)
         return loss
 
 

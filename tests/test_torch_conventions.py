@@ -150,17 +150,18 @@ def _compiled_graphs(make_opt, steps: int = 4) -> int:
     return counter.frame_count
 
 
-def test_finiteness_check_adds_no_graph_to_a_compiled_base_step(monkeypatch):
+def test_compiled_base_step_has_no_more_graphs_than_adamw(monkeypatch):
     adamw = _compiled_graphs(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
     ars2 = _compiled_graphs(lambda m: ARS2Neo(ars2_param_groups(m), lr=1e-2))
+    # The finiteness check reads one flag per device and adds no graph (reading it
+    # per tensor made 13); creating the states outside the graph and tensor step
+    # counters keep ARS2Neo from recompiling on steps 1 and 2 (it made 4).
     monkeypatch.setattr(optimizer_module, "_all_finite", lambda tensors: True)
     unchecked = _compiled_graphs(lambda m: ARS2Neo(ars2_param_groups(m), lr=1e-2))
-    # Pinned: AdamW's forward graph and step graph; ARS2Neo compiles its step
-    # graph twice more, once for the states it creates on step 1 and once when
-    # its Python step counters turn dynamic on step 2 (AdamW keeps tensor steps
-    # and lets dynamo create its states). Reading the finiteness flag per
-    # tensor, as before, made 13.
-    assert (adamw, ars2, unchecked) == (2, 4, 4)
+    assert ars2 <= adamw and unchecked <= adamw
+    # Pinned for torch 2.13: AdamW's forward graph and step graph.
+    assert (adamw, ars2, unchecked) == (2, 2, 2)
+    assert _compiled_graphs(lambda m: ARS2Neo(ars2_param_groups(m), lr=1e-2), steps=8) == ars2
 
 
 def test_every_constructor_argument_is_in_defaults_and_sam_settings_stay_out_of_groups():
@@ -191,7 +192,7 @@ def test_every_constructor_argument_is_in_defaults_and_sam_settings_stay_out_of_
         opt.add_param_group({"params": [model[2].bias], "rho": 0.2})
 
 
-@pytest.mark.parametrize(("mode", "graphs"), [("sync", 7), ("delayed", 9), ("adaptive", 15)])
+@pytest.mark.parametrize(("mode", "graphs"), [("sync", 5), ("delayed", 9), ("adaptive", 15)])
 def test_compiled_step_with_a_closure_compiles_a_pinned_number_of_graphs(mode, graphs):
     # Pinned for torch 2.13 (pyproject's pin), over 8 steps: the closure's
     # backward, the adversarial pass and the adaptive decision's read-backs break

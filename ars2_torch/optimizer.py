@@ -284,7 +284,9 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: di
     step_size = lr / (1 - beta1**step)
     bias_correction2 = 1 - beta2**step
     bias_correction2_sqrt = (
-        bias_correction2.sqrt() if torch.is_tensor(bias_correction2) else math.sqrt(bias_correction2)
+        bias_correction2.sqrt()
+        if torch.is_tensor(bias_correction2)
+        else math.sqrt(bias_correction2)
     )
     denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
     param.addcdiv_(state["exp_avg"], denom, value=-step_size)
@@ -362,8 +364,9 @@ class ARS2Neo(torch.optim.Optimizer):
     ``meta`` device step in the base, sync and delayed modes (the adaptive
     decision reads values, which meta tensors lack). Under ``torch.compile`` the
     finiteness check reads one flag per device, which adds no graph to a
-    compiled base step; the Python step counters cost one recompilation when
-    they turn dynamic on step 2.
+    compiled base step, and the step counts (a float32 tensor per parameter,
+    ``state['step']``, as in ``torch.optim.AdamW``) cause no recompilation:
+    with SAM off a compiled training step has AdamW's number of graphs.
 
     Args:
       params: tensors or param groups.
@@ -550,6 +553,10 @@ class ARS2Neo(torch.optim.Optimizer):
                 raise ValueError("state_dict has no 'ars2' entry: it was not saved by ARS2Neo")
             self._check_fits(state_dict, saved)
             super().load_state_dict(state_dict)
+            for state in self.state.values():
+                # A state dict saved when the step counters were Python ints.
+                if "step" in state and not torch.is_tensor(state["step"]):
+                    state["step"] = torch.tensor(float(state["step"]), dtype=_scalar_dtype())
             self.sam_state = dict(saved["sam_state"])
         for hook in post_hooks.values():
             hook(self)

@@ -164,6 +164,76 @@ def test_compiled_base_step_has_no_more_graphs_than_adamw(monkeypatch):
     assert _compiled_graphs(lambda m: ARS2Neo(ars2_param_groups(m), lr=1e-2), steps=8) == ars2
 
 
+def test_compiled_base_step_matches_the_eager_one():
+    eager_model, compiled_model = _mlp(), _mlp()
+    eager = ARS2Neo(ars2_param_groups(eager_model), lr=1e-2)
+    compiled = ARS2Neo(ars2_param_groups(compiled_model), lr=1e-2)
+    _train(eager_model, eager, 4)
+    torch._dynamo.reset()
+    x, y = _batch()
+
+    @torch.compile(backend="eager")
+    def train_step():
+        loss = torch.nn.functional.mse_loss(compiled_model(x), y)
+        loss.backward()
+        compiled.step()
+        compiled.zero_grad()
+
+    for _ in range(4):
+        train_step()
+    torch._dynamo.reset()
+    for ours, theirs in zip(compiled_model.parameters(), eager_model.parameters()):
+        # float64 bias corrections under compile, Python floats eagerly.
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert [compiled.state[p]["step"] for p in compiled_model.parameters()] == [4.0] * 4
+
+
+def test_tensor_step_counts_step_bitwise_as_python_int_counts():
+    # The per-tensor functions with int counts are the arithmetic before the
+    # counts became tensors; the optimizer's tensor counts must not change a bit.
+    model, twin = _mlp(), _mlp()
+    opt = ARS2Neo(ars2_param_groups(model), lr=1e-2, weight_decay=0.1)
+    _train(model, opt, 5)
+    group = opt.param_groups[0]
+    states = {
+        p: {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for p in twin.parameters()
+    }
+    x, y = _batch()
+    for _ in range(5):
+        twin.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        with torch.no_grad():
+            for p, state in states.items():
+                update = (
+                    optimizer_module.ars2_update if p.ndim == 2 else optimizer_module.adamw_update
+                )
+                update(p, p.grad, state, group)
+    for p in model.parameters():
+        assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"] == 5
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(ours, theirs)
+
+
+def test_state_dict_with_int_step_counts_loads_and_continues_bitwise():
+    model = _mlp()
+    opt = ARS2Neo(ars2_param_groups(model), lr=1e-2, rho=0.05, k=2)
+    _train(model, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state["step"] = int(state["step"])
+    restored_model = copy.deepcopy(model)
+    restored = ARS2Neo(ars2_param_groups(restored_model), lr=1e-2, rho=0.05, k=2)
+    restored.load_state_dict(saved)
+    for p in restored_model.parameters():
+        step = restored.state[p]["step"]
+        assert torch.is_tensor(step) and step.dtype == torch.float32 and step == 3
+    _train(model, opt, 3)
+    _train(restored_model, restored, 3)
+    for ours, theirs in zip(restored_model.parameters(), model.parameters()):
+        assert torch.equal(ours, theirs)
+
+
 def test_every_constructor_argument_is_in_defaults_and_sam_settings_stay_out_of_groups():
     model = _mlp()
     settings = dict(

@@ -97,13 +97,14 @@ def test_quick_run_writes_every_row_ratio_flop_and_memory_figure(tmp_path):
     )
 
     # Optimizer state: m and v (8 bytes per float32 parameter), the shear force in the
-    # adaptive mode (4 more), and nothing else but scalars.
+    # adaptive mode (4 more), and nothing else but scalars (ARS2Neo's per-tensor step
+    # counts are float32 tensors, as torch.optim.AdamW's).
     memory = {(m["framework"], m["optimizer"]): m["bytes_per_param"] for m in result["memory"]}
     assert memory[("jax", "adamw")] == pytest.approx(8, abs=0.01)
     assert memory[("jax", "ars2_base")] == pytest.approx(8, abs=0.01)
     assert memory[("jax", "ars2_adaptive")] == pytest.approx(12, abs=0.01)
-    assert memory[("torch", "ars2_base")] == 8
-    assert memory[("torch", "ars2_adaptive")] == 12
+    assert memory[("torch", "ars2_base")] == pytest.approx(8, abs=0.01)
+    assert memory[("torch", "ars2_adaptive")] == pytest.approx(12, abs=0.01)
     assert memory[("torch", "muon")] == 4
     assert 4 < memory[("jax", "muon")] < 8  # momentum on Muon's leaves, m and v on Adam's
 

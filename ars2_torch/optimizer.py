@@ -223,7 +223,8 @@ def ars2_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     Args:
       param: the tensor, updated in place.
       grad: its gradient.
-      state: its state, ``step``, ``exp_avg`` and ``exp_avg_sq``, updated in place.
+      state: its state, ``step`` (a number, or the 0-d tensor ARS2Neo keeps),
+        ``exp_avg`` and ``exp_avg_sq``, updated in place.
       group: its param group: ``lr``, ``betas``, ``eps``, ``weight_decay``,
         ``ns_steps``, ``ns_dtype``.
 
@@ -263,7 +264,8 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: di
     Args:
       param: the tensor, updated in place.
       grad: its gradient.
-      state: its state, ``step``, ``exp_avg`` and ``exp_avg_sq``, updated in place.
+      state: its state, ``step`` (a number, or the 0-d tensor ARS2Neo keeps),
+        ``exp_avg`` and ``exp_avg_sq``, updated in place.
       group: its param group: ``lr``, ``betas``, ``eps``, ``weight_decay``.
 
     Example:

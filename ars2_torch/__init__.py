@@ -2,8 +2,8 @@
 
 import importlib.metadata
 
-from ars2_torch.closure import SAMClosure, sam_closure
-from ars2_torch.model_groups import model_param_groups
+from ars2_torch._closure import SAMClosure, sam_closure
+from ars2_torch._model_groups import model_param_groups
 from ars2_torch.newton_schulz import NS_COEFFS, NS_EPS, as_matrices, default_ns_dtype, newton_schulz
 from ars2_torch.optimizer import (
     TINY,

@@ -27,6 +27,7 @@ import itertools
 import json
 import multiprocessing
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -353,9 +354,9 @@ def sweep_and_report(
         longer = run_all(extra, sweep, out, workers, budget)
     text = report(sweep, grid, chosen, longer, final, (time.perf_counter() - start) / 60)
     if not chosen:
-        text = text.replace(
-            "## Winners", f"{len(grid)} of {len(grid_runs(sweep))} grid runs done.\n\n## Winners"
-        )
+        total = len(grid_runs(sweep))
+        done = f"{len(grid)} of {total} grid runs done: the winners come when all are."
+        text = re.sub(r"## Winners.*?## The grid", done + "\n\n## The grid", text, flags=re.S)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     return text

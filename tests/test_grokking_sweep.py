@@ -56,7 +56,7 @@ def test_winner_is_fewest_median_epochs_then_best_accuracy():
 def test_a_stopped_sweep_resumes_where_it_stopped(tmp_path):
     sweep = grokking_sweep.load_sweep(TINY)
     partial = grokking_sweep.sweep_and_report(sweep, tmp_path, max_runs=2)
-    assert "2 of 3 grid runs done" in partial
+    assert "2 of 3 grid runs done" in partial and "## Winners" not in partial
     done = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
     assert len(done) == 2
     report = grokking_sweep.sweep_and_report(sweep, tmp_path)

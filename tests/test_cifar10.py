@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -229,18 +226,9 @@ def test_missing_local_files_and_unprepared_tfds_copy_say_what_to_do(tmp_path):
         cifar10.load_tfds_cifar10(tmp_path / "tfds")
 
 
-def test_offline_with_empty_caches_exits_with_one_clear_message(tmp_path):
+def test_offline_with_empty_caches_exits_with_one_clear_message(tmp_path, offline_command):
     # A fresh install with no network: no traceback, status 2, what to do instead.
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env["HF_DATASETS_OFFLINE"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.cifar10", "--config", "ars2_neo_sync"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cifar10.ROOT,
-        timeout=300,
-    )
+    done = offline_command("experiments.cifar10", "--config", "ars2_neo_sync")
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "uoft-cs/cifar10 could not be loaded" in done.stderr

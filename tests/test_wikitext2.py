@@ -11,8 +11,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -108,17 +106,8 @@ def test_local_files_load_as_written_and_the_tokenizer_is_cached(tmp_path):
     assert other != path
 
 
-def test_offline_with_empty_caches_exits_with_one_clear_message(tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env["HF_DATASETS_OFFLINE"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.wikitext2", "--config", "adamw"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=wikitext2.ROOT,
-        timeout=300,
-    )
+def test_offline_with_empty_caches_exits_with_one_clear_message(tmp_path, offline_command):
+    done = offline_command("experiments.wikitext2", "--config", "adamw")
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "Salesforce/wikitext (wikitext-2-raw-v1) could not be loaded" in done.stderr

@@ -239,13 +239,30 @@ def report(
         "accuracy, median [25%, 75%] (seeds that reached it / seeds), and median best eval "
         "accuracy.",
         "",
-        f"## Winners on fresh seeds {final_seeds}",
-        "",
-        "| optimizer | learning rate | weight decay | epochs to 90% eval | best eval acc |",
-        "|---|---|---|---|---|",
     ]
+    if not final_seeds:  # a grid alone (e.g. a check beyond another grid's edge)
+        lines += [
+            f"## Best points on the tuning seeds {sweep['seeds']} (no fresh-seed reruns)",
+            "",
+            "| optimizer | learning rate | weight decay | grid cell |",
+            "|---|---|---|---|",
+        ]
+        for label, (lr, wd, _) in chosen.items():
+            results = [
+                r
+                for run, r in grid.items()
+                if (run.optimizer, run.learning_rate, run.weight_decay) == (label, lr, wd)
+            ]
+            lines.append(f"| {label} | {lr:g} | {wd:g} | {_cell(results, budget)} |")
+    else:
+        lines += [
+            f"## Winners on fresh seeds {final_seeds}",
+            "",
+            "| optimizer | learning rate | weight decay | epochs to 90% eval | best eval acc |",
+            "|---|---|---|---|---|",
+        ]
     by_label = {}
-    for label, (lr, wd, _) in chosen.items():
+    for label, (lr, wd, _) in chosen.items() if final_seeds else ():
         results = [r for run, r in final.items() if run.optimizer == label]
         by_label[label] = results
         if len(results) < len(final_seeds):
@@ -323,9 +340,11 @@ def estimate(sweep: dict[str, Any], seconds_per_epoch: float) -> str:
     longer = sweep.get("longer_epochs", 0)
     epochs = (n_grid + n_final) * sweep["epochs"] + len(sweep["optimizer"]) * longer
     hours = epochs * seconds_per_epoch / 3600
+    extra = (
+        f" (+ at most {len(sweep['optimizer'])} longer runs of {longer} epochs)" if longer else ""
+    )
     return (
-        f"{n_grid} grid runs + {n_final} final runs (+ at most {len(sweep['optimizer'])} longer "
-        f"runs of {longer} epochs): at most {epochs} epochs, {hours:.1f} h "
+        f"{n_grid} grid runs + {n_final} final runs{extra}: at most {epochs} epochs, {hours:.1f} h "
         f"at {seconds_per_epoch} s per epoch on one worker (runs that reach 99% stop early)"
     )
 
@@ -356,7 +375,8 @@ def sweep_and_report(
     if not chosen:
         total = len(grid_runs(sweep))
         done = f"{len(grid)} of {total} grid runs done: the winners come when all are."
-        text = re.sub(r"## Winners.*?## The grid", done + "\n\n## The grid", text, flags=re.S)
+        heading = r"## (Winners|Best points).*?## The grid"
+        text = re.sub(heading, done + "\n\n## The grid", text, flags=re.S)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     return text

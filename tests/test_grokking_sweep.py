@@ -76,3 +76,44 @@ def test_a_stopped_sweep_resumes_where_it_stopped(tmp_path):
     # A third call trains nothing and writes the same tables.
     again = grokking_sweep.sweep_and_report(sweep, tmp_path)
     assert again.split("## Budget")[0] == report.split("## Budget")[0]
+
+
+def test_a_grid_without_fresh_seeds_reports_its_best_points():
+    sweep = {
+        "seeds": [0, 1],
+        "epochs": 300,
+        "final_seeds": [],
+        "optimizer": [
+            {"label": "a", "config": "adamw", "learning_rate": [1.0, 2.0], "weight_decay": [0.0]}
+        ],
+    }
+    run = lambda lr, seed: grokking_sweep.Run("a", lr, 0.0, seed, 300, "grid")
+    cost = lambda epochs: {"epochs_run": epochs, "cpu_seconds": 6, "wall_seconds": 6}
+    grid = {
+        run(1.0, 0): _result(None, 0.5) | cost(300),
+        run(1.0, 1): _result(None, 0.6) | cost(300),
+        run(2.0, 0): _result(40, 0.99) | cost(50),
+        run(2.0, 1): _result(60, 0.99) | cost(70),
+    }
+    chosen = grokking_sweep.winners(grid, sweep)
+    assert chosen == {"a": (2.0, 0.0, True)}
+    text = grokking_sweep.report(sweep, grid, chosen, {}, {}, 1.0)
+    assert "## Winners" not in text and "Mann-Whitney" not in text
+    assert "## Best points on the tuning seeds [0, 1] (no fresh-seed reruns)" in text
+    assert "| a | 2 | 0 | 50 [45, 55] (2/2), best 0.99 |" in text
+    assert "4 grid runs, 0 longer, 0 final: 4 runs, 720 epochs trained" in text
+
+
+def test_the_edge_grid_starts_at_the_tuned_grid_s_corner():
+    tuned = grokking_sweep.load_sweep(grokking_sweep.CONFIG_DIR / "sweep.toml")
+    edge = grokking_sweep.load_sweep(grokking_sweep.CONFIG_DIR / "sweep_edge.toml")
+    assert edge["final_seeds"] == [] and edge["seeds"] == tuned["seeds"]
+    assert edge["epochs"] == tuned["epochs"]
+    for a, b in zip(tuned["optimizer"], edge["optimizer"], strict=True):
+        assert (a["label"], a["config"]) == (b["label"], b["config"])
+        assert a.get("follow") == b.get("follow")
+        # It starts at the tuned grid's largest learning rate and one of its weight decays
+        # (the winner's), and goes one step further in each.
+        assert b["learning_rate"][0] == max(a["learning_rate"]) < b["learning_rate"][1]
+        assert b["weight_decay"][0] in a["weight_decay"]
+        assert b["weight_decay"][1] > b["weight_decay"][0]

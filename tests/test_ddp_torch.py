@@ -21,7 +21,7 @@ from tests import ddp_worker
 # Spawning, importing torch (and torch._dynamo, which DDP imports) and 4 × 20
 # steps take about 25 s on a busy 2-core machine; past this the ranks are killed
 # and the test fails rather than hanging CI.
-TIMEOUT_S = 120
+TIMEOUT_S = 300
 
 
 def start_ranks(tmp_path) -> mp.ProcessContext:

@@ -213,6 +213,15 @@ def winners(grid: dict[Run, dict[str, Any]], sweep: dict[str, Any]) -> dict[str,
     return chosen
 
 
+def _point_results(grid: dict[Run, dict[str, Any]], label: str, lr: float, wd: float) -> list:
+    """The results of one optimizer's grid point, seed by seed."""
+    return [
+        r
+        for run, r in grid.items()
+        if (run.optimizer, run.learning_rate, run.weight_decay) == (label, lr, wd)
+    ]
+
+
 def _cell(results: list[dict[str, Any]], budget: int) -> str:
     return (
         common.seed_statistics([r["milestones"][MILESTONE] for r in results], budget)
@@ -248,11 +257,7 @@ def report(
             "|---|---|---|---|",
         ]
         for label, (lr, wd, _) in chosen.items():
-            results = [
-                r
-                for run, r in grid.items()
-                if (run.optimizer, run.learning_rate, run.weight_decay) == (label, lr, wd)
-            ]
+            results = _point_results(grid, label, lr, wd)
             lines.append(f"| {label} | {lr:g} | {wd:g} | {_cell(results, budget)} |")
     else:
         lines += [
@@ -312,11 +317,7 @@ def report(
         for lr in entry["learning_rate"]:
             cells = []
             for wd in entry["weight_decay"]:
-                results = [
-                    r
-                    for run, r in grid.items()
-                    if (run.optimizer, run.learning_rate, run.weight_decay) == (label, lr, wd)
-                ]
+                results = _point_results(grid, label, lr, wd)
                 cells.append(_cell(results, budget) if results else "not run")
             lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
